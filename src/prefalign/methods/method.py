@@ -1,0 +1,102 @@
+"""What a decoding-time alignment method is: a rule over next-token scores.
+
+A method says which *contexts* it needs (the chat without a preference, with one
+preference, shown to the policy or to a reward model) and how it *combines* their
+next-token log-probabilities into one score per vocabulary entry. It owns no loop:
+the engine runs every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import PrefalignError
+
+POLICY = "policy"
+
+
+@dataclass(frozen=True)
+class ContextRole:
+    """One context a method reads.
+
+    ``preference`` is the index of the preference shown in it, or None for the base
+    context (no preference). ``model`` names the model that reads it (``"policy"``, or
+    a reward model's key such as ``"prm"``).
+    """
+
+    preference: int | None
+    model: str = POLICY
+
+
+@dataclass(frozen=True)
+class Method(ABC):
+    """Base class of every method. Subclasses are frozen dataclasses of their parameters.
+
+    Being frozen and hashable lets the engine batch together requests that use the
+    same method with the same parameters.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    needs_preference: ClassVar[bool] = True
+    #: Which template the method uses unless the caller chooses one.
+    default_template: ClassVar[str] = "default"
+
+    @property
+    def beam_width(self) -> int:
+        """Number of hypotheses the engine keeps per prompt (1: greedy or sampling)."""
+        return 1
+
+    @property
+    def extra_models(self) -> tuple[str, ...]:
+        """Keys of models besides the policy that the method's contexts need."""
+        return ()
+
+    @abstractmethod
+    def roles(self, n_preferences: int) -> list[ContextRole]:
+        """The contexts to run, in the order :meth:`combine` receives them."""
+
+    @abstractmethod
+    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Combine per-context log-probs ``[n, K, V]`` into scores ``[n, V]``.
+
+        ``weights`` (``[P]``, positive) are the preferences' weights, in the order of
+        the preferences. Scores may be unnormalised; the engine samples from their
+        softmax or takes their argmax.
+        """
+
+    def primary_context(self, n_preferences: int) -> int:
+        """Index of the context whose prompt the answer continues (for usage counts)."""
+        return len(self.roles(n_preferences)) - 1
+
+    def params(self) -> dict[str, Any]:
+        """The method's parameters as a plain dict."""
+        return dataclasses.asdict(self)
+
+
+def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Reject a non-positive (or non-finite) parameter with a message naming it."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise PrefalignError(f"{name} must be a number, got {value!r}", field=name)
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or value != value or value in (float("inf"), float("-inf")):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise PrefalignError(f"{name} must be finite and {bound}, got {value}", field=name)
+
+
+def weighted_mean(per_preference: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over the preference axis: ``[n, P, V]`` → ``[n, V]``."""
+    w = (weights / weights.sum()).to(per_preference.dtype)
+    if w.numel() == 1:
+        return per_preference[:, 0]
+    return torch.einsum("npv,p->nv", per_preference, w)
+
+
+def base_and_preferences(n_preferences: int) -> list[ContextRole]:
+    """Roles ``[base, pref_0, ..., pref_{P-1}]`` of the contrastive methods."""
+    return [ContextRole(None)] + [ContextRole(i) for i in range(n_preferences)]

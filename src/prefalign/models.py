@@ -152,6 +152,17 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name: str | os.PathLike[str] | None = None) -> Any:
+    """Load only the tokenizer of a model (same sources as :func:`load_model`)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = resolve_model_source(name)
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(source, **kwargs))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load tokenizer {name!r}: {exc}", field="model") from exc
+
+
 def prepare_tokenizer(tokenizer: Any) -> Any:
     """Left padding with a pad token: what batched decoder-only generation needs."""
     tokenizer.padding_side = "left"

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny randomly initialised models that reuse the embedded tokenizer.
+
+The embedded tokenizer (SmolLM2's, with a chat template) comes from prefalign's cache;
+the first run converts the embedded GGUF once (~20 s).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # two threads collapse when another process shares the CPU
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,  # peaked next-token distributions: fewer near-ties in greedy tests
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _tiny_gpt2(vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from prefalign.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    return _tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tokenizer):
+    return _tiny_gpt2(len(tokenizer))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tiny_llama, tiny_gpt2):
+    return tiny_llama if request.param == "llama" else tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M Aligner (plain fp32, no fast path), loaded once."""
+    if os.environ.get("PREFALIGN_SKIP_EMBEDDED"):
+        pytest.skip("PREFALIGN_SKIP_EMBEDDED is set")
+    from prefalign import Aligner
+
+    return Aligner.from_pretrained(fast=False)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -11,8 +11,8 @@ import torch
 
 from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
 from .errors import PrefalignError
-from .methods import POLICY, Method, make_method
-from .models import load_model, prepare_tokenizer
+from .methods import POLICY, PRM, Method, make_method
+from .models import EMBEDDED_DISPLAY_NAME, load_model, prepare_tokenizer
 from .prompts import Chat, Preference, PromptLike, encode_context, parse_preferences, to_chat
 
 log = logging.getLogger(__name__)
@@ -61,24 +61,72 @@ class Aligner:
         dtype: torch.dtype | str | None = None,
         fast: bool | str = "auto",
         threads: int | None = None,
+        prm: Any = None,
     ) -> Aligner:
         """Load a model (default: the embedded SmolLM2-135M-Instruct) and wrap it.
 
         ``fast="auto"`` runs linear layers through prepacked oneDNN kernels on CPUs that
         support them, keeping greedy tokens identical; ``False`` keeps plain PyTorch.
         ``threads`` sets torch's intra-op threads (None: leave as is).
+        ``prm``: a personalised reward model directory for method ``pad`` (``"default"``:
+        the PRM shipped for the embedded model); None loads it lazily on first use.
         """
         if threads is not None:
             torch.set_num_threads(int(threads))
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
         aligner = cls(lm, tokenizer)
+        if prm is not None:  # before the fast path, so the PRM is built from plain layers
+            aligner.load_prm(None if str(prm) == "default" else prm)
         if fast:
             aligner.fast_path = _apply_fast_path(lm, strict=fast is True)
+            if PRM in aligner.engine.models and aligner.engine.models[PRM] is not lm:
+                _apply_fast_path(aligner.engine.models[PRM], strict=False)
         return aligner
 
     def add_model(self, key: str, model: Any) -> None:
         """Make another model (e.g. a personalised reward model) available to methods."""
         self.engine.models[key] = model
+
+    def load_prm(self, path: Any = None) -> Any:
+        """Load a personalised reward model for method ``pad`` and add it as ``"prm"``.
+
+        ``path``: a PRM directory (``prefalign train-prm`` writes one); None: the PRM
+        shipped for the embedded model (other policies need a path). Raises a
+        :class:`PrefalignError` naming what to do when there is none, and
+        ``TokenizerMismatchError`` when the PRM was trained for another tokenizer.
+        """
+        name = getattr(self.model.config, "name_or_path", None) or type(self.model).__name__
+        if path is None and name != EMBEDDED_DISPLAY_NAME:
+            raise PrefalignError(
+                f"method 'pad' needs a personalised reward model (PRM) trained for the policy {name!r}, "
+                "and prefalign ships one only for the embedded model: pass one with "
+                "Aligner.from_pretrained(..., prm=PATH), Aligner.load_prm(PATH) or `--prm PATH`, "
+                "or train one with `prefalign train-prm`",
+                field="prm",
+            )
+        try:
+            from . import prm as prm_api
+        except ImportError as exc:
+            raise PrefalignError(
+                f"method 'pad' needs a personalised reward model, but PRM support cannot be imported ({exc}); "
+                "install it with `pip install 'prefalign[prm]'`",
+                field="prm",
+            ) from exc
+        if path is None:
+            try:
+                path = prm_api.default_prm_path()
+            except Exception as exc:
+                raise PrefalignError(
+                    f"method 'pad' needs a personalised reward model (PRM), and the one shipped for the embedded "
+                    f"model is not available ({exc}); pass one with prm=PATH / `--prm PATH` "
+                    "or train one with `prefalign train-prm`",
+                    field="prm",
+                ) from exc
+        reward_model = prm_api.load_prm(path, self.model, self.tokenizer)
+        if getattr(self.fast_path, "active", False) and reward_model is not self.model:
+            _apply_fast_path(reward_model, strict=False)
+        self.add_model(PRM, reward_model)
+        return reward_model
 
     # -- requests -----------------------------------------------------------------------
 
@@ -144,6 +192,8 @@ class Aligner:
 
     def _contexts(self, chat: Chat, preferences: list[Preference], rule: Method, template: str) -> list[tuple[str, list[int]]]:
         for key in rule.extra_models:
+            if key == PRM and key not in self.engine.models:
+                self.load_prm()  # the shipped PRM for the embedded model, or a clear error
             if key not in self.engine.models:
                 raise PrefalignError(
                     f"method {rule.name!r} needs a model under {key!r}; load it first (see the method's docs)",

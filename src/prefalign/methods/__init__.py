@@ -15,12 +15,13 @@ from .base import Base
 from .beam import Beam
 from .la import LinearAlignment
 from .method import POLICY, ContextRole, Method
+from .pad import PRM, Pad
 from .pref import Pref
 
 METHODS: dict[str, type[Method]] = {}
 
 #: Spellings users reach for, mapped to the dataclass field names.
-PARAM_ALIASES = {"lambda": "lam", "T": "iterations", "t": "iterations", "r": "ratio", "num_beams": "width", "beam_width": "width"}
+PARAM_ALIASES = {"lambda": "lam", "T": "iterations", "t": "iterations", "r": "ratio", "num_beams": "width", "beam_width": "width", "rm_weight": "w", "topk": "k"}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -29,7 +30,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (Base, Pref, Beam, LinearAlignment, Amulet):
+for _cls in (Base, Pref, Beam, LinearAlignment, Amulet, Pad):
     register(_cls)
 
 
@@ -74,12 +75,14 @@ def make_method(name: str | Method, **params: Any) -> Method:
 __all__ = [
     "METHODS",
     "POLICY",
+    "PRM",
     "Amulet",
     "Base",
     "Beam",
     "ContextRole",
     "LinearAlignment",
     "Method",
+    "Pad",
     "Pref",
     "amulet_coefficient",
     "ftrl_loop",

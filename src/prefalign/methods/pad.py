@@ -1,0 +1,133 @@
+"""``pad``: Personalized Alignment at Decoding-time (Chen et al., ICLR 2025).
+
+A personalised reward model (PRM, loaded under the engine's ``"prm"`` key) scores the
+policy's next-token candidates. Both models read the chat through the ``pad``
+guideline template (``[Guidelines] ... [Principles] <preference> [Instruction] ...``).
+Per step, over the policy's top-``k`` candidates ``C``::
+
+    r(y)     = log_softmax_C(PRM)[y] − log_softmax_C(policy)[y]     (token-level reward)
+    score(y) = policy_logit(y) + w · r(y)        for y in C,   −inf outside C
+
+which is the paper's ``new_scores = rewards * weight + prescreen_logits`` with
+``rewards = log_softmax(dpo_logits[topk]) − log_softmax(ref_logits[topk])``
+(zjuruizhechen/PAD, ``inference/PAD.py``). The engine hands methods log-softmax values,
+which differ from logits by one constant per row: the same argmax and the same
+sampling distribution. Greedy takes the argmax; with ``temperature=T`` the engine
+samples ``softmax(score / T)`` over the candidates, as the paper's sampling mode
+(T = 0.7 there).
+
+**Weight** ``w`` (default 0.8). The paper's released configurations (P-Soups) use
+w = 0.8 for helpfulness, 0.8 for harmlessness and 0.5 for humour (0.8 / 0.5 / 0.6 /
+0.8 for the joined principles helpful+harmless / harmless+humor / helpful+humor / all
+three), and 1.0 / 1.5 / 0.5 on HelpSteer2 (see :data:`PAPER_WEIGHTS`); its grid search
+spans 0–1.5. prefalign defaults to 0.8, the value most of the paper's runs use.
+``w = 0`` is plain top-``k`` decoding of the policy.
+
+**Several preferences.** Two ways, documented in docs:
+
+* *Joined principles (the paper's way):* one preference whose text names them all,
+  e.g. the preset ``"pad:helpful+harmless"`` (``"harmless and helpfulness"``): one
+  policy context and one PRM context, exactly the paper's decoding.
+* *Weighted sum of per-preference rewards (prefalign's extension):* pass a list of
+  preferences ``[(text_1, weight_1), ...]``. Each preference ``i`` gets its own policy
+  context ``b_i`` and PRM context ``m_i`` (the reward of preference ``i`` must compare
+  the PRM with the policy seeing the *same* text, as in the PRM's DPO training). The
+  policy score is the weighted mean of the ``b_i`` (a product of experts, as method
+  ``pref`` composes preferences); its top-``k`` give the candidates; then::
+
+      score(y) = Σ_i ŵ_i b_i(y) + w · Σ_i ŵ_i r_i(y),   ŵ_i = weight_i / Σ_j weight_j
+
+  with ``r_i`` computed as above from ``m_i`` and ``b_i`` on the shared candidates.
+  With one preference this is the paper's rule; with equal weights the reward term is
+  the mean reward. It costs 2·P contexts per prompt instead of 2.
+
+A PRM equal to the policy gives ``r = 0`` exactly, and PAD then decodes the same
+tokens as method ``pref`` with template ``pad`` (greedy), which the tests check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PrefalignError
+from .method import POLICY, ContextRole, Method, positive, weighted_mean
+
+#: Engine key of the personalised reward model.
+PRM = "prm"
+
+#: The paper's reward weight per principle, from its released configurations
+#: (zjuruizhechen/PAD ``inference/configs/{psoups,steers}_llama3SFT_*.config``; all top-k 10, greedy).
+PAPER_WEIGHTS: dict[str, dict[str, float]] = {
+    "psoups": {
+        "helpful": 0.8, "harmless": 0.8, "humor": 0.5,
+        "helpful+harmless": 0.8, "harmless+humor": 0.5, "helpful+humor": 0.6, "helpful+harmless+humor": 0.8,
+    },
+    "helpsteer2": {
+        "helpful": 1.0, "harmless": 1.5, "humor": 0.5,
+        "helpful+harmless": 0.8, "harmless+humor": 0.8, "helpful+humor": 0.5, "helpful+harmless+humor": 1.0,
+    },
+}
+
+
+def pad_scores(base: torch.Tensor, policy: torch.Tensor, prm: torch.Tensor, weights: torch.Tensor, w: float, k: int) -> torch.Tensor:
+    """PAD's combined scores.
+
+    ``base``: ``[n, V]`` policy scores whose top-``k`` are the candidates;
+    ``policy``/``prm``: ``[n, P, V]`` log-probs of the policy and the PRM under each
+    preference; ``weights``: ``[P]`` positive. Returns ``[n, V]``, −inf off the candidates.
+    """
+    k = min(int(k), base.shape[-1])
+    top = base.topk(k, dim=-1).indices  # [n, k]
+    base_k = base.gather(-1, top)
+    index = top[:, None, :].expand(-1, policy.shape[1], -1)
+    policy_k = policy.gather(-1, index)
+    prm_k = prm.gather(-1, index).to(policy_k.dtype)
+    reward = torch.log_softmax(prm_k, dim=-1) - torch.log_softmax(policy_k, dim=-1)  # [n, P, k]
+    # A candidate the policy rules out (−inf) has no defined reward; its score stays −inf.
+    reward = torch.where(torch.isfinite(policy_k), reward, torch.zeros_like(reward))
+    if reward.shape[1] == 1:
+        total = reward[:, 0]
+    else:
+        share = (weights / weights.sum()).to(reward.dtype)
+        total = torch.einsum("npk,p->nk", reward, share)
+    scores = torch.full_like(base, float("-inf"))
+    return scores.scatter(-1, top, base_k + w * total)
+
+
+@dataclass(frozen=True)
+class Pad(Method):
+    """PAD with the paper's top-k (10) and reward weight w = 0.8.
+
+    Needs a personalised reward model under the key ``"prm"`` (``Aligner.load_prm``,
+    ``Aligner.from_pretrained(prm=...)``, CLI ``--prm PATH``; the embedded model has a
+    shipped one). Several preferences: see the module docs.
+    """
+
+    name = "pad"
+    summary = "PAD: policy + w · token-level reward of a personalised reward model (needs a PRM)"
+    default_template = "pad"
+    w: float = 0.8
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        positive("w", self.w, allow_zero=True)
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise PrefalignError(f"k (top-k candidates) must be an integer ≥ 1, got {self.k!r}", field="k")
+
+    @property
+    def extra_models(self) -> tuple[str, ...]:
+        return (PRM,)
+
+    def roles(self, n_preferences: int) -> list[ContextRole]:
+        n = max(n_preferences, 1)
+        return [ContextRole(i, POLICY) for i in range(n)] + [ContextRole(i, PRM) for i in range(n)]
+
+    def primary_context(self, n_preferences: int) -> int:
+        return 0  # the policy's context (of the first preference)
+
+    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_prefs = logprobs.shape[1] // 2
+        policy, prm = logprobs[:, :n_prefs], logprobs[:, n_prefs:]
+        return pad_scores(weighted_mean(policy, weights), policy, prm, weights, float(self.w), self.k)

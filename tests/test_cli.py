@@ -1,0 +1,71 @@
+"""The command line on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prefalign import Aligner
+from prefalign.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_llama, tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_generate_json_matches_the_api(model_dir, tiny_llama, tokenizer):
+    result = runner.invoke(app, ["generate", "Hi there", "-p", "concise", "--method", "amulet", "-n", "8", "--json", "--model", model_dir, "--no-fast"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = Aligner(tiny_llama, tokenizer).generate("Hi there", preference="concise", method="amulet", max_new_tokens=8)[0]
+    assert data["token_ids"] == expected.token_ids
+    assert data["text"] == expected.text
+    assert data["params"]["alpha"] == 2.0
+    assert set(data["usage"]) >= {"prompt_tokens", "completion_tokens", "forward_passes"}
+
+
+def test_generate_params_and_composition(model_dir):
+    result = runner.invoke(app, ["generate", "Hi", "-p", "concise", "-p", "formal", "--weight", "2", "--weight", "1",
+                                 "--method", "la", "-P", "ratio=1.5", "-n", "4", "--json", "--model", model_dir, "--no-fast"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["params"]["ratio"] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method"),
+        (["--method", "amulet", "-P", "eta=0"], "eta"),
+        (["--method", "amulet"], "needs a preference"),
+        (["--method", "base", "-n", "0"], "max_new_tokens"),
+        (["--method", "amulet", "-p", "concize"], "unknown preference preset"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(model_dir, args, message):
+    result = runner.invoke(app, ["generate", "Hi", *args, "--model", model_dir, "--no-fast"])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_methods_lists_parameters():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    rows = {r["method"]: r for r in json.loads(result.stdout)}
+    assert rows["amulet"]["params"]["iterations"] == 60
+    assert {"base", "pref", "beam", "la", "amulet"} <= set(rows)
+
+
+def test_chat_switches_preference_and_method(model_dir):
+    script = "/pref concise\n/method la\n/param ratio=1\nHello\n/method nope\n/quit\n"
+    result = runner.invoke(app, ["chat", "--model", model_dir, "--no-fast", "-n", "4"], input=script)
+    assert result.exit_code == 0, result.output
+    assert "method: la" in result.output
+    assert "unknown method" in result.output

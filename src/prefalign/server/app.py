@@ -1,0 +1,643 @@
+"""The OpenAI-compatible HTTP API: ``create_app(aligner) -> FastAPI``.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{id}`` and ``GET /health``. prefalign's own request fields sit at the
+top level of the body so that the official client's ``extra_body`` reaches them:
+
+* ``preference``: a preset name, a sentence, or a list of ``{"text", "weight"}``;
+* ``alignment``: ``{"method": "amulet", "template": ..., ...method parameters}``;
+* ``top_k`` and ``ignore_eos`` (as in vLLM).
+
+Answers have OpenAI's shape plus ``alignment`` (the method, template and every
+parameter used, defaults filled in, so it can be sent back as is) and ``preference``
+(the resolved preference texts); ``usage`` adds ``context_tokens`` and
+``forward_passes``.
+
+Status codes: 400 invalid JSON or a value prefalign rejects, 401 missing/wrong API key,
+404 unknown route or model, 413 body too large, 422 a field of the wrong type or
+shape, 429 queue full (with ``Retry-After``), 500 engine failure (the server recovers),
+503 shutting down. Every error body is ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from .. import __version__
+from ..engine import Delta, GenerationRequest, GenerationResult
+from ..errors import PrefalignError, UnknownNameError
+from ..methods import METHODS, PARAM_ALIASES, Method, make_method
+from ..prompts import parse_preferences
+from .errors import APIError
+from .scheduler import EngineFailure, Job, QueueFullError, Scheduler, SchedulerStoppedError
+from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest, _GenerationBody
+
+log = logging.getLogger("prefalign.server")
+
+#: Temperatures below this decode greedily: dividing log-probs by a tiny temperature
+#: overflows to NaN in the engine's sampler (and the limit of sampling is argmax).
+GREEDY_TEMPERATURE = 1e-5
+#: OpenAI's documented range.
+MAX_TEMPERATURE = 2.0
+#: Method parameters that multiply the per-token cost, with the server's upper bound,
+#: so that one request cannot stall the batch everyone shares.
+COST_LIMITS: dict[str, int] = {"iterations": 1000, "width": 16}
+#: Extra model names accepted in the ``model`` field besides the served id.
+MODEL_ALIASES = ("prefalign",)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and defaults of one server (see :func:`create_app`)."""
+
+    model_id: str
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_tokens_cap: int = 1024
+    max_body_bytes: int = 1_000_000
+    default_method: str = "amulet"
+    default_temperature: float = 1.0
+    max_preferences: int = 8
+    max_stop: int = 4
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the scheduler, and what to echo back."""
+
+    request: GenerationRequest
+    alignment: dict[str, Any]
+    preference: list[dict[str, Any]] | None
+    stream: bool
+    include_usage: bool
+
+
+def default_model_id(aligner: Any) -> str:
+    """A short id for ``/v1/models``: the model directory's name, without decorations."""
+    name = str(getattr(getattr(aligner.model, "config", None), "name_or_path", "") or "")
+    name = name.split(" (")[0].rstrip("/")  # "SmolLM2-135M-Instruct (embedded GGUF)" -> "SmolLM2-135M-Instruct"
+    name = Path(name).name if name else ""
+    return name.replace(" ", "-") or "prefalign"
+
+
+# --- request translation ---------------------------------------------------------------
+
+
+def _api_message(message: str) -> str:
+    # The core speaks of max_new_tokens; API users wrote max_tokens.
+    return message.replace("max_new_tokens", "max_tokens")
+
+
+def _check_neutral(body: BaseModel) -> None:
+    for name, is_neutral in NEUTRAL_ONLY.items():
+        if name in type(body).model_fields and not is_neutral(getattr(body, name)):
+            raise APIError(400, f"'{name}' is not supported by prefalign; leave it unset", param=name, code="unsupported_parameter")
+
+
+def _chat_from_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    if not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} messages", param="messages", code="invalid_value")
+    chat = []
+    for i, message in enumerate(messages):
+        if message.tool_calls or message.function_call:
+            raise APIError(400, f"messages[{i}]: tool and function calls are not supported", param=f"messages.{i}", code="unsupported_parameter")
+        content = message.content
+        if content is None:
+            raise APIError(400, f"messages[{i}] has no content", param=f"messages.{i}.content", code="invalid_value")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(
+                        400, f"messages[{i}]: only text content parts are supported", param=f"messages.{i}.content", code="invalid_value"
+                    )
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        # OpenAI's newer "developer" role is what the model knows as "system".
+        role = "system" if message.role == "developer" else message.role
+        chat.append({"role": role, "content": content})
+    return chat
+
+
+def _check_finite_scores(rule: Method, n_preferences: int) -> None:
+    """Reject parameters that make the method's scores NaN/infinite (e.g. alpha=1e300).
+
+    One such request would make the engine's sampler raise mid-step and fail every
+    request sharing the batch; a combine on a small random input catches it cheaply.
+    """
+    try:
+        k = len(rule.roles(n_preferences))
+        generator = torch.Generator().manual_seed(0)
+        logprobs = torch.log_softmax(torch.randn(2, k, 16, generator=generator), dim=-1)
+        scores = rule.combine(logprobs, torch.ones(max(n_preferences, 1)))
+    except Exception:  # a method that needs real inputs (e.g. a reward model): skip the probe
+        return
+    if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any(dim=-1).all():
+        raise APIError(
+            400,
+            f"these parameters make method {rule.name!r} produce non-finite scores (NaN or infinity); use smaller values",
+            param="alignment",
+            code="invalid_value",
+        )
+
+
+class _Translator:
+    """Turns a validated body into an engine request, mapping core errors to 400s."""
+
+    def __init__(self, aligner: Any, config: ServerConfig) -> None:
+        self.aligner = aligner
+        self.config = config
+
+    def prepare(
+        self,
+        body: _GenerationBody,
+        prompt: Any,
+        *,
+        prompt_param: str,
+        max_tokens: int | None,
+        max_tokens_param: str,
+        default_max_tokens: int | None,
+    ) -> Prepared:
+        config = self.config
+        _check_neutral(body)
+        if body.model is not None and body.model not in (config.model_id, *MODEL_ALIASES):
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist on this server; it serves {config.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+        if body.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if max_tokens is not None and max_tokens > config.max_tokens_cap:
+            raise APIError(
+                400,
+                f"'{max_tokens_param}' is {max_tokens}; this server allows at most {config.max_tokens_cap}",
+                param=max_tokens_param,
+                code="invalid_value",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > config.max_stop:
+            raise APIError(400, f"at most {config.max_stop} stop sequences are allowed", param="stop", code="invalid_value")
+
+        alignment = body.alignment
+        params = alignment.method_params() if alignment else {}
+        preference_arg: Any = body.preference
+        if isinstance(preference_arg, list):
+            preference_arg = [p if isinstance(p, str) else {"text": p.text, "weight": p.weight} for p in preference_arg]
+        method_name = alignment.method if alignment and alignment.method else None
+        if method_name is None:
+            # A preference alone asks for the server's default method; nothing asks for base.
+            method_name = config.default_method if preference_arg is not None else "base"
+
+        method_cls = METHODS.get(method_name.lower()) if isinstance(method_name, str) else None
+        method_fields = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
+
+        def param_name(field: str | None) -> str | None:
+            if field in ("method", "template") or field in params or field in method_fields or field in PARAM_ALIASES.values():
+                return f"alignment.{field}"
+            if field in ("max_new_tokens",):
+                return max_tokens_param
+            if field in ("prompt", "messages"):
+                return prompt_param
+            return field
+
+        try:
+            rule = make_method(method_name, **params)
+            for name, limit in COST_LIMITS.items():
+                value = getattr(rule, name, None)
+                if isinstance(value, int) and value > limit:
+                    raise APIError(400, f"{name} is {value}; this server allows at most {limit}", param=f"alignment.{name}", code="invalid_value")
+            preferences = parse_preferences(preference_arg)
+            if len(preferences) > config.max_preferences:
+                raise APIError(
+                    400, f"at most {config.max_preferences} preferences per request", param="preference", code="invalid_value"
+                )
+            _check_finite_scores(rule, len(preferences) if rule.needs_preference else 1)
+            temperature = body.temperature
+            if temperature is None:
+                # Beam search is deterministic; OpenAI's default temperature would reject it.
+                temperature = 0.0 if rule.beam_width > 1 else config.default_temperature
+            if temperature > MAX_TEMPERATURE:
+                raise APIError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature", code="invalid_value")
+            if 0 < temperature < GREEDY_TEMPERATURE:
+                temperature = 0.0
+            request = self.aligner.build_request(
+                prompt,
+                preference_arg,
+                rule,
+                max_new_tokens=max_tokens if max_tokens is not None else 1,
+                template=alignment.template if alignment else None,
+                temperature=temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=body.top_k or 0,
+                seed=body.seed,
+                stop=stop,
+                ignore_eos=bool(body.ignore_eos),
+            )
+            if max_tokens is None:
+                # Unset: as much as the window and the cap allow (OpenAI's chat default),
+                # or the endpoint's own default (16 for plain completions, as OpenAI).
+                longest = max(len(ids) for _, ids in request.contexts)
+                window = self.aligner.context_window
+                room = window - longest if window else config.max_tokens_cap
+                request.max_new_tokens = max(1, min(config.max_tokens_cap, room, default_max_tokens or room))
+            # Engine.add validates what build_request does not (weights > 0, beam with
+            # sampling); checking here gives the client a 400 instead of a failed job.
+            self.aligner.engine._validate(request)
+        except APIError:
+            raise
+        except UnknownNameError as exc:
+            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code="invalid_value") from exc
+        except PrefalignError as exc:
+            code = "context_length_exceeded" if "context window" in str(exc) else "invalid_value"
+            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code=code) from exc
+        except (TypeError, ValueError) as exc:
+            # Dataclass construction with a wrongly typed method parameter, e.g. plausibility="x".
+            raise APIError(400, f"invalid alignment parameters: {exc}", param="alignment", code="invalid_value") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "TemplateError":  # jinja2: the chat template rejected the messages
+                raise APIError(400, f"the model's chat template rejected the messages: {exc}", param=prompt_param, code="invalid_value") from exc
+            raise
+
+        echo = {"method": rule.name, "template": alignment.template if alignment and alignment.template else rule.default_template}
+        echo.update(rule.params())
+        preference_echo = (
+            [{"text": p.text, "weight": p.weight, "name": p.name} for p in preferences] if rule.needs_preference else None
+        )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Prepared(request, echo, preference_echo, bool(body.stream), include_usage)
+
+
+# --- responses ----------------------------------------------------------------------
+
+
+class _Shape:
+    """OpenAI's response and chunk objects for one endpoint."""
+
+    def __init__(self, *, chat: bool, model_id: str, prepared: Prepared) -> None:
+        self.chat = chat
+        self.model_id = model_id
+        self.prepared = prepared
+        self.id = ("chatcmpl-" if chat else "cmpl-") + prepared.request.request_id
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "system_fingerprint": f"prefalign-{__version__}"}
+
+    def _extras(self) -> dict[str, Any]:
+        return {"alignment": self.prepared.alignment, "preference": self.prepared.preference}
+
+    def full(self, result: GenerationResult) -> dict[str, Any]:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+            out = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            out = self._head("text_completion")
+        out.update(choices=[choice], usage=result.usage.as_dict(), **self._extras())
+        return out
+
+    def chunk(self, text: str | None = None, *, first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            out = self._head("chat.completion.chunk")
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            out = self._head("text_completion")
+        out["choices"] = [choice]
+        if self.prepared.include_usage:
+            out["usage"] = None
+        if first or finish_reason is not None:
+            out.update(self._extras())  # once at the start, once at the end: not on every token
+        return out
+
+    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+        out = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        out.update(choices=[], usage=result.usage.as_dict())
+        return out
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """A server-sent-events response that runs ``on_close`` however the stream ends.
+
+    Starlette cancels the body iterator when the client disconnects; wherever that
+    cancellation lands, ``on_close`` still runs and cancels the generation.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _job_error(event: BaseException) -> APIError:
+    if isinstance(event, APIError):
+        return event
+    if isinstance(event, PrefalignError):
+        return APIError(400, _api_message(str(event)), param=event.field, code="invalid_value")
+    if isinstance(event, SchedulerStoppedError):
+        return APIError(503, str(event), code="server_shutting_down")
+    if isinstance(event, EngineFailure):
+        return APIError(500, str(event), code="engine_failure")
+    return APIError(500, f"internal error: {type(event).__name__}: {event}", code="internal_error")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- the app ------------------------------------------------------------------------
+
+
+def create_app(
+    aligner: Any,
+    *,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_tokens_cap: int = 1024,
+    max_body_bytes: int = 1_000_000,
+    model_id: str | None = None,
+    default_method: str = "amulet",
+    default_temperature: float = 1.0,
+    max_preferences: int = 8,
+) -> FastAPI:
+    """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
+
+    The app owns a :class:`~prefalign.server.scheduler.Scheduler` (started and stopped
+    with the app's lifespan) that batches concurrent requests into ``aligner.engine``;
+    nothing else may use that engine while the app runs.
+
+    ``api_key``: require ``Authorization: Bearer <api_key>`` on ``/v1/*`` (``/health``
+    stays open). ``max_batch``: requests decoded together; ``max_queue``: requests
+    waiting beyond that before 429. ``max_tokens_cap``: the largest ``max_tokens``
+    accepted (and the default for chat). ``max_body_bytes``: larger bodies get 413.
+    ``default_method``: used when a request gives a preference but no method (no
+    preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    """
+    make_method(default_method)  # fail at startup, not on the first request
+    config = ServerConfig(
+        model_id=model_id or default_model_id(aligner),
+        api_key=api_key or None,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens_cap=max_tokens_cap,
+        max_body_bytes=max_body_bytes,
+        default_method=default_method,
+        default_temperature=default_temperature,
+        max_preferences=max_preferences,
+    )
+    scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
+    translator = _Translator(aligner, config)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    # No /docs or /openapi.json: they would be unauthenticated, and clients use OpenAI's docs.
+    app = FastAPI(title="prefalign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+    app.state.config = config
+    app.state.aligner = aligner
+
+    # -- errors: everything in OpenAI's shape ---------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=code, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return APIError(422, f"invalid request: {exc.errors()[:1]}", code="invalid_type").response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, f"internal server error ({type(exc).__name__}); the server keeps running", code="internal_error").response()
+
+    # -- auth, body ----------------------------------------------------------------------
+
+    async def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(
+                401,
+                "invalid or missing API key; send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def read_body(request: Request, schema: type[BaseModel]) -> Any:
+        limit = config.max_body_bytes
+        too_large = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        raw = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: chunked bodies too
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
+        try:
+            data = json.loads(bytes(raw))
+        except (ValueError, RecursionError) as exc:
+            raise APIError(400, f"could not parse the JSON body: {exc}", code="invalid_json") from exc
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            raise _schema_error(exc) from exc
+
+    # -- generation ----------------------------------------------------------------------
+
+    def submit(prepared: Prepared) -> Job:
+        try:
+            return scheduler.submit(prepared.request, asyncio.get_running_loop(), stream=prepared.stream)
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)}) from exc
+        except SchedulerStoppedError as exc:
+            raise APIError(503, str(exc), code="server_shutting_down") from exc
+
+    async def answer(request: Request, prepared: Prepared, *, chat: bool) -> Response:
+        shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared)
+        job = submit(prepared)
+        if prepared.stream:
+            return _SSEResponse(_stream(job, shape), on_close=lambda: scheduler.cancel(job))
+        disconnect = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            while True:
+                getter = asyncio.ensure_future(job.next_event())
+                done, _ = await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:  # the client left: free its slot
+                    getter.cancel()
+                    scheduler.cancel(job)
+                    return Response(status_code=499)
+                event = getter.result()
+                if isinstance(event, GenerationResult):
+                    return JSONResponse(shape.full(event))
+                if isinstance(event, BaseException):
+                    raise _job_error(event)
+        finally:
+            disconnect.cancel()
+            scheduler.cancel(job)  # no-op once finished; frees the slot on any other exit
+
+    async def _stream(job: Job, shape: _Shape) -> AsyncIterator[bytes]:
+        yield _sse(shape.chunk("" if shape.chat else None, first=True))
+        while True:
+            event = await job.next_event()
+            if isinstance(event, Delta):
+                if event.text:
+                    yield _sse(shape.chunk(event.text))
+            elif isinstance(event, GenerationResult):
+                yield _sse(shape.chunk(None, finish_reason=event.finish_reason))
+                if shape.prepared.include_usage:
+                    yield _sse(shape.usage_chunk(event))
+                break
+            else:  # the status line is sent already: report the error in the stream
+                yield _sse(_job_error(event).body())
+                break
+        yield b"data: [DONE]\n\n"
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions with per-request ``preference`` and ``alignment``."""
+        body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
+        use_completion = body.max_completion_tokens is not None
+        prepared = translator.prepare(
+            body,
+            _chat_from_messages(body.messages),
+            prompt_param="messages",
+            max_tokens=body.max_completion_tokens if use_completion else body.max_tokens,
+            max_tokens_param="max_completion_tokens" if use_completion else "max_tokens",
+            default_max_tokens=None,
+        )
+        return await answer(request, prepared, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        """OpenAI (legacy) completions: the prompt is answered as one user message."""
+        body: CompletionRequest = await read_body(request, CompletionRequest)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "exactly one prompt per request is supported", param="prompt", code="invalid_value")
+            prompt = prompt[0]
+        prepared = translator.prepare(
+            body, prompt, prompt_param="prompt", max_tokens=body.max_tokens, max_tokens_param="max_tokens", default_max_tokens=16
+        )
+        return await answer(request, prepared, chat=False)
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": config.model_id,
+            "object": "model",
+            "created": started,
+            "owned_by": "prefalign",
+            "methods": sorted(METHODS),
+            "default_method": config.default_method,
+            "max_tokens_cap": config.max_tokens_cap,
+            "context_window": aligner.context_window,
+        }
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        if model not in (config.model_id, *MODEL_ALIASES):
+            raise APIError(404, f"the model {model!r} does not exist on this server", param="model", code="model_not_found")
+        return model_card()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and load; unauthenticated so that probes need no key."""
+        return {
+            "status": "ok",
+            "model": config.model_id,
+            **scheduler.load(),
+            "max_batch": config.max_batch,
+            "max_queue": config.max_queue,
+            "engine_active": aligner.engine.num_active,
+            "stats": asdict(scheduler.stats),
+        }
+
+    return app
+
+
+def _schema_error(exc: ValidationError) -> APIError:
+    """Map pydantic's first error to OpenAI's shape (400 unknown field, 422 wrong type)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    # Union branches add type tags to the location ("stop.list[str]"): cut them.
+    parts: list[str] = []
+    for part in first["loc"]:
+        if isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "list", "dict")):
+            break
+        parts.append(str(part))
+    param = ".".join(parts) or None
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return APIError(422, f"invalid value for '{param}': {first['msg']}{more}", param=param, code="invalid_type")

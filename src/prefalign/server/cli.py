@@ -1,0 +1,73 @@
+"""``prefalign serve``: load a model and serve the OpenAI-compatible API with uvicorn.
+
+Registered in the main CLI as ``app.command("serve")(serve)``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Annotated, Optional
+
+import typer
+
+log = logging.getLogger("prefalign.server")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    model: Annotated[
+        Optional[str], typer.Option(help="Model: a transformers directory, a .gguf file or a hub id (default: the embedded SmolLM2-135M).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="PREFALIGN_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* (prefer the env var: argv is visible to other users)."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together (continuous batching).")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting for a batch slot before 429.")] = 64,
+    max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted (also the chat default).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body; larger ones get 413.")] = 1_000_000,
+    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's choice).")] = None,
+    fast: Annotated[bool, typer.Option("--fast/--no-fast", help="CPU fast path (prepacked oneDNN linear layers) where available.")] = True,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an OpenAI-compatible chat API with per-request preferences."""
+    import uvicorn
+
+    from ..aligner import Aligner
+    from ..errors import PrefalignError
+    from .app import create_app
+
+    if not _is_loopback(host) and not api_key:
+        typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    try:
+        aligner = Aligner.from_pretrained(model, device=device, threads=threads, fast="auto" if fast else False)
+        app = create_app(
+            aligner,
+            api_key=api_key,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_tokens_cap=max_tokens_cap,
+            max_body_bytes=max_body_bytes,
+            model_id=served_model_name,
+            default_method=default_method,
+        )
+    except PrefalignError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
+    # A short graceful-shutdown timeout: open streams are cut instead of holding Ctrl-C.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

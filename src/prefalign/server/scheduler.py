@@ -1,0 +1,308 @@
+"""Continuous batching: one thread owns the engine; HTTP handlers talk to it through jobs.
+
+:class:`~prefalign.engine.Engine` is not thread-safe, so exactly one thread — the
+scheduler's — ever calls ``add``, ``step``, ``cancel`` or ``pop_result``. Handlers
+(running on the asyncio event loop) :meth:`Scheduler.submit` a built
+:class:`~prefalign.engine.GenerationRequest` and read its events from the returned
+:class:`Job`; the scheduler posts events back to the loop with
+``call_soon_threadsafe``.
+
+Scheduling, per iteration of the scheduler thread:
+
+1. apply cancellations (client disconnects): a waiting job is dropped, a running one
+   is cancelled in the engine, whose rows leave the batch at the next step;
+2. admit waiting jobs in FIFO order while fewer than ``max_batch`` run;
+3. run one :meth:`Engine.step` — new requests are prefilled and every running request
+   advances by one token in the same step — and route its deltas to their jobs.
+
+Requests thus join and leave the running batch between any two tokens. Accepted but
+not yet running jobs wait in a queue of at most ``max_queue``; beyond that
+:meth:`Scheduler.submit` raises :class:`QueueFullError` (HTTP 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..engine import Delta, Engine, GenerationRequest, GenerationResult
+
+log = logging.getLogger("prefalign.server")
+
+
+class QueueFullError(Exception):
+    """The waiting queue is full; ``retry_after`` is a suggested wait in seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SchedulerStoppedError(Exception):
+    """The scheduler is shutting down and takes no more work."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while running this job's batch (the job cannot continue)."""
+
+
+Event = Union[Delta, GenerationResult, BaseException]
+
+
+class Job:
+    """One submitted request and the channel its events come back through.
+
+    Events, in order: zero or more :class:`~prefalign.engine.Delta` (only if
+    ``stream``), then exactly one terminal event — the
+    :class:`~prefalign.engine.GenerationResult` or an exception (validation error from
+    ``Engine.add``, :class:`EngineFailure`, :class:`SchedulerStoppedError`). A job
+    cancelled by its client gets no terminal event: nobody is listening.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> None:
+        self.request = request
+        self.stream = stream
+        self.submitted_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.finished = False  # a terminal event was posted (read on the loop thread)
+        self.cancelled = False
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    def post(self, event: Event) -> None:
+        """Hand ``event`` to the job's event loop (callable from any thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, event)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
+            pass
+
+    def _deliver(self, event: Event) -> None:
+        if not isinstance(event, Delta):
+            self.finished = True
+        self._events.put_nowait(event)
+
+    async def next_event(self) -> Event:
+        """Wait for the next event."""
+        return await self._events.get()
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start (served by ``GET /health``)."""
+
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0
+    steps: int = 0
+    completion_tokens: int = 0
+    engine_resets: int = 0
+
+
+class Scheduler:
+    """Drive ``aligner.engine`` from one background thread with continuous batching.
+
+    ``aligner`` is anything with an ``engine`` attribute (an :class:`Engine`); after an
+    engine failure the scheduler installs a fresh engine there (same models) so that
+    later requests are served.
+    """
+
+    def __init__(self, aligner: Any, *, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be ≥ 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be ≥ 0")
+        self.aligner = aligner
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.stats = SchedulerStats()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: deque[Job] = deque()
+        self._running: dict[str, Job] = {}
+        self._cancels: list[Job] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Mean seconds a request spends in the engine, for Retry-After.
+        self._service_seconds = 1.0
+
+    @property
+    def engine(self) -> Engine:
+        return self.aligner.engine
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="prefalign-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work, fail what is queued or running, and join the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("scheduler thread did not stop within %.0f s", timeout)
+        self._thread = None
+
+    # -- called from request handlers -----------------------------------------------------
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> Job:
+        """Queue ``request``; raises :class:`QueueFullError` when the queue is full."""
+        job = Job(request, loop, stream=stream)
+        with self._lock:
+            if self._stopping:
+                raise SchedulerStoppedError("the server is shutting down")
+            # Free batch slots are filled at once, so they count as capacity too.
+            capacity = self.max_batch + self.max_queue
+            if len(self._running) + len(self._waiting) >= capacity:
+                self.stats.rejected += 1
+                raise QueueFullError(
+                    f"the server is busy: {len(self._running)} requests running and {len(self._waiting)} "
+                    f"queued (max_batch={self.max_batch}, max_queue={self.max_queue}); retry later",
+                    self._retry_after_locked(),
+                )
+            self._waiting.append(job)
+            self.stats.submitted += 1
+            self._wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` (client went away). Safe to call twice or after it finished."""
+        with self._lock:
+            if job.cancelled or job.finished:
+                return
+            job.cancelled = True
+            self._cancels.append(job)
+            self._wake.set()
+
+    def load(self) -> dict[str, int]:
+        """Current running and waiting counts."""
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def _retry_after_locked(self) -> int:
+        # Roughly: how many batch "generations" are ahead of a new request, times the
+        # mean time one request spends in the engine. Clamped to a sane range.
+        rounds = math.ceil((len(self._waiting) + 1) / self.max_batch)
+        return int(min(60, max(1, math.ceil(rounds * self._service_seconds))))
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    break
+                self._apply_cancels_locked()
+                self._admit_locked()
+                busy = self.engine.has_work
+                if not busy:
+                    # Cleared under the lock: a submit after this point sets it again,
+                    # so no wake-up is lost.
+                    self._wake.clear()
+            if not busy:
+                self._wake.wait(timeout=1.0)
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as exc:  # a bug or resource error in the engine: recover
+                self._recover(exc)
+                continue
+            self.stats.steps += 1
+            self._dispatch(deltas)
+        self._shutdown()
+
+    def _apply_cancels_locked(self) -> None:
+        for job in self._cancels:
+            if job in self._waiting:
+                self._waiting.remove(job)
+            elif self._running.pop(job.id, None) is not None:
+                # Its rows leave the batch at the next step (Engine.cancel).
+                self.engine.cancel(job.id)
+                self.engine.pop_result(job.id)
+            else:
+                continue  # finished in the meantime
+            self.stats.cancelled += 1
+        self._cancels.clear()
+
+    def _admit_locked(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            job = self._waiting.popleft()
+            try:
+                self.engine.add(job.request)
+            except Exception as exc:  # the handler pre-validates; this is a safety net
+                self.stats.failed += 1
+                job.post(exc)
+                continue
+            job.started_at = time.perf_counter()
+            self._running[job.id] = job
+
+    def _dispatch(self, deltas: list[Delta]) -> None:
+        done: list[Job] = []
+        for delta in deltas:
+            job = self._running.get(delta.request_id)
+            if job is None:  # cancelled while this step ran: discard its output
+                if delta.finish_reason is not None:
+                    self.engine.pop_result(delta.request_id)
+                continue
+            if job.stream:
+                job.post(delta)
+            if delta.finish_reason is not None:
+                result = self.engine.pop_result(delta.request_id)
+                if result is None:  # should not happen; never leave a client hanging
+                    job.post(EngineFailure("the engine finished the request without a result"))
+                else:
+                    job.post(result)
+                    self.stats.completion_tokens += result.usage.completion_tokens
+                done.append(job)
+        if done:
+            now = time.perf_counter()
+            with self._lock:
+                for job in done:
+                    self._running.pop(job.id, None)
+                    self.stats.completed += 1
+                    if job.started_at is not None:
+                        self._service_seconds = 0.8 * self._service_seconds + 0.2 * (now - job.started_at)
+
+    def _recover(self, exc: BaseException) -> None:
+        """The engine raised mid-step: its state is unknown, so fail the running jobs
+        and replace it with a fresh engine over the same models. Waiting jobs stay."""
+        log.exception("engine step failed; failing %d running requests and resetting the engine", len(self._running))
+        with self._lock:
+            failed = list(self._running.values())
+            self._running.clear()
+            self.stats.failed += len(failed)
+            self.stats.engine_resets += 1
+            old = self.engine
+            self.aligner.engine = Engine(old.models, old.tokenizer, eos_token_ids=sorted(old.eos_token_ids))
+        message = f"the engine failed while decoding this request ({type(exc).__name__}: {exc}); please retry"
+        for job in failed:
+            job.post(EngineFailure(message))
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            jobs = list(self._running.values()) + list(self._waiting)
+            for job in self._running.values():
+                self.engine.cancel(job.id)
+            self._running.clear()
+            self._waiting.clear()
+        for job in jobs:
+            job.post(SchedulerStoppedError("the server is shutting down"))

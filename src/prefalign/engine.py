@@ -500,6 +500,9 @@ class Engine:
         """Record the result, stream what is left of the text; rows leave at the next reorder."""
         if not (active.request.stop and reason == "stop"):  # a stop string already cut the text
             track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
+        if reason == "length":
+            # Cut off mid-character: drop the replacement char(s) of the incomplete UTF-8 tail.
+            track.text = track.text.rstrip("\ufffd")
         active.finish_reason = reason
         active.usage.completion_tokens = len(track.tokens)
         active.tracks = [track]

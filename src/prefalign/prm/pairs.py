@@ -1,0 +1,384 @@
+"""Offline preference-pair synthesis (``prefalign make-pairs``).
+
+For each training prompt the policy samples a *pool* of answers: one with each
+preference's text in the prompt (PAD's guideline template, ``method="pref"``) and a
+few without it (``method="base"``). Every preference's judge
+(:func:`prefalign.eval.judges.judge_for`: length, readability grade, VADER sentiment,
+formality, ...) scores the whole pool; the best-vs-worst answers become a
+``{preference, prompt, chosen, rejected}`` row when their judged margin is large
+enough and neither answer is collapsed (repetition loops, non-words, too short).
+
+This *distills a proxy judge*: a PRM trained on these rows learns what the judge
+measures (e.g. "concise" = fewer words and an early end of turn), not human taste.
+To train on real preference pairs instead (P-Soups, HelpSteer2, ...), convert them
+to the same JSONL rows and pass them to ``prefalign train-prm`` directly.
+
+Train/evaluation split (see docs/prm.md): training prompts come from
+``amulet/HelpSteer_train.json`` and ``amulet/UltraFeedback_ultrachat.json`` rows at
+position ≥ 100 only; the first 100 rows of each file, ``UltraFeedback_truthful_qa``,
+``personal_preference_eval_preference_data``, ``psoups/koala_eval_50`` and TruthfulQA
+are evaluation prompts and never used here (prompts whose text also appears in an
+evaluation file are dropped as well).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrefalignError
+
+log = logging.getLogger(__name__)
+
+#: The six (+1) preferences of the shipped PRM. ``pleasant`` and ``friendly`` share the
+#: sentiment judge; make-pairs alternates between them prompt by prompt.
+DEFAULT_PREFERENCES: tuple[str, ...] = ("concise", "verbose", "elementary", "expert", "pleasant", "formal")
+ALTERNATES: dict[str, str] = {"pleasant": "friendly"}
+
+#: Training sources (file under the data dir, JSON key of the prompt) and the number of
+#: leading rows reserved for evaluation.
+TRAIN_SOURCES: tuple[tuple[str, str], ...] = (
+    ("amulet/HelpSteer_train.json", "question"),
+    ("amulet/UltraFeedback_ultrachat.json", "question"),
+)
+EVAL_HEAD_ROWS = 100
+#: Files whose prompts are evaluation-only (never trained on).
+EVAL_ONLY_FILES: tuple[str, ...] = (
+    "amulet/UltraFeedback_truthful_qa.json",
+    "amulet/personal_preference_eval_preference_data.json",
+    "psoups/koala_eval_50.json",
+    "truthfulqa/TruthfulQA.csv",
+)
+
+#: Minimum judged margin between chosen and rejected, per judge measure (raw units).
+DEFAULT_MIN_MARGINS: dict[str, float] = {
+    "length_words": 15.0,  # words
+    "fk_grade": 2.0,  # Flesch-Kincaid grade levels
+    "vader_compound": 0.2,  # VADER compound, -1..1
+    "formality_f": 5.0,  # F-score proxy points
+}
+FALLBACK_MIN_MARGIN = 0.1
+
+
+def default_data_dir() -> Path:
+    """``$PREFALIGN_DATA`` or ``<repo>/../shared/data`` (the project's shared data)."""
+    env = os.environ.get("PREFALIGN_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+# --- prompts and the split -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt_id: str  # "<file>#<row>"
+    text: str
+
+
+def _load_prompt_texts(path: Path) -> list[str]:
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [row.get("Question", "") for row in csv.DictReader(f)]
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for row in rows:
+        for key in ("question", "prompt", "instruction"):
+            if isinstance(row, dict) and isinstance(row.get(key), str):
+                out.append(row[key])
+                break
+    return out
+
+
+def evaluation_prompts(data_dir: Path) -> set[str]:
+    """Every prompt text reserved for evaluation (normalised: stripped, lower-cased)."""
+    texts: set[str] = set()
+    for name in EVAL_ONLY_FILES:
+        path = data_dir / name
+        if path.is_file():
+            texts.update(t.strip().lower() for t in _load_prompt_texts(path))
+    for name, _ in TRAIN_SOURCES:
+        path = data_dir / name
+        if path.is_file():
+            texts.update(t.strip().lower() for t in _load_prompt_texts(path)[:EVAL_HEAD_ROWS])
+    return texts
+
+
+def training_prompts(
+    data_dir: Path | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    max_chars: int = 400,
+) -> list[PromptRow]:
+    """Training prompts (rows ≥ 100 of the training sources), shuffled with ``seed``.
+
+    Prompts longer than ``max_chars`` are skipped (long prompts make training slow and
+    the embedded model answers them poorly); so is any prompt whose text is also an
+    evaluation prompt.
+    """
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    held_out = evaluation_prompts(data_dir)
+    rows: list[PromptRow] = []
+    for name, _key in TRAIN_SOURCES:
+        path = data_dir / name
+        if not path.is_file():
+            raise PrefalignError(f"training prompts not found: {path} (set --data-dir)", field="data_dir")
+        texts = _load_prompt_texts(path)
+        for i, text in enumerate(texts):
+            if i < EVAL_HEAD_ROWS or not text.strip() or len(text) > max_chars:
+                continue
+            if text.strip().lower() in held_out:
+                continue
+            rows.append(PromptRow(f"{name}#{i}", text.strip()))
+    random.Random(seed).shuffle(rows)
+    return rows[:limit] if limit else rows
+
+
+# --- judging -------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    try:
+        from ..eval.judges import words
+    except ImportError:  # pragma: no cover
+        import re
+
+        return re.findall(r"[a-z0-9']+", text.lower())
+    return words(text)
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+    """Share of word n-grams repeating an earlier one (0 = no repeats, →1 = a loop)."""
+    toks = _words(text)
+    total = len(toks) - n + 1
+    if total <= 0:
+        return 0.0
+    return 1.0 - len({tuple(toks[i : i + n]) for i in range(total)}) / total
+
+
+@dataclass(frozen=True)
+class CollapseFilter:
+    """Answers a pair may not use: too short, looping, or non-words."""
+
+    min_words: int = 5
+    max_repetition: float = 0.2  # repeated 4-gram share
+    max_non_dictionary: float = 0.2
+
+    def reason(self, text: str) -> str | None:
+        toks = _words(text)
+        if len(toks) < self.min_words:
+            return "too_short"
+        if repetition_rate(text, 4) > self.max_repetition:
+            return "repetition"
+        if len(toks) >= 12:
+            try:
+                from ..eval.guards import non_dictionary_share
+            except ImportError:  # pragma: no cover
+                return None
+            if non_dictionary_share(text) > self.max_non_dictionary:
+                return "non_words"
+        return None
+
+
+def default_judge(preference: str) -> Any:
+    """The judge of a preference (``prefalign.eval.judges.judge_for``)."""
+    try:
+        from ..eval.judges import judge_for
+    except ImportError as exc:  # pragma: no cover
+        raise PrefalignError("make-pairs needs prefalign.eval.judges (pip install 'prefalign[eval]')") from exc
+    return judge_for(preference)
+
+
+@dataclass
+class Candidate:
+    text: str
+    finish_reason: str
+    source: str  # "base" or the preference whose prompt produced it
+    seed: int
+
+
+def pick_pair(
+    candidates: Sequence[Candidate],
+    scores: Sequence[float],
+    direction: int,
+    min_margin: float,
+) -> tuple[int, int] | None:
+    """Indices (chosen, rejected) of the best and worst candidate, or None if too close."""
+    if len(candidates) < 2:
+        return None
+    aligned = [direction * s for s in scores]
+    best = max(range(len(aligned)), key=lambda i: (aligned[i], -i))
+    worst = min(range(len(aligned)), key=lambda i: (aligned[i], i))
+    if best == worst or aligned[best] - aligned[worst] < min_margin:
+        return None
+    return best, worst
+
+
+# --- synthesis -----------------------------------------------------------------------
+
+
+@dataclass
+class PairStats:
+    prompts_done: int = 0
+    samples: int = 0
+    rows: int = 0
+    rejected_collapse: dict[str, int] = field(default_factory=dict)
+    no_margin: dict[str, int] = field(default_factory=dict)
+    per_preference: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _seed_for(base: int, prompt_id: str, slot: int) -> int:
+    digest = hashlib.sha256(f"{base}|{prompt_id}|{slot}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _done_ids(progress: Path) -> set[str]:
+    if not progress.is_file():
+        return set()
+    return {line.strip() for line in progress.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
+def synthesize_pairs(
+    aligner: Any,
+    prompts: Sequence[PromptRow],
+    output: Path,
+    *,
+    preferences: Sequence[str] = DEFAULT_PREFERENCES,
+    base_samples: int = 2,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    max_new_tokens: int = 96,
+    prompts_per_batch: int = 4,
+    seed: int = 0,
+    min_margins: dict[str, float] | None = None,
+    margin_scale: float = 1.0,
+    collapse: CollapseFilter | None = None,
+    judge_factory: Callable[[str], Any] = default_judge,
+    alternates: dict[str, str] | None = None,
+    resume: bool = True,
+    progress: Callable[[int], None] | None = None,
+    time_budget_s: float | None = None,
+) -> PairStats:
+    """Sample answer pools and append judged pairs to ``output`` (JSONL).
+
+    Resumable: prompts already processed are listed in ``<output>.done`` and skipped
+    (rows are appended and flushed per batch, so an interruption loses at most one batch).
+    """
+    if not preferences:
+        raise PrefalignError("give at least one preference", field="preferences")
+    alternates = ALTERNATES if alternates is None else alternates
+    collapse = collapse or CollapseFilter()
+    margins = {**DEFAULT_MIN_MARGINS, **(min_margins or {})}
+    names = list(dict.fromkeys([*preferences, *(alternates.get(p) for p in preferences if alternates.get(p))]))
+    judges = {p: judge_factory(p) for p in names}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done_path = output.with_name(output.name + ".done")
+    done = _done_ids(done_path) if resume else set()
+    if not resume:
+        output.write_text("", encoding="utf-8")
+        done_path.write_text("", encoding="utf-8")
+    todo = [p for p in prompts if p.prompt_id not in done]
+    stats = PairStats(prompts_done=len(prompts) - len(todo))
+    start = time.monotonic()
+    with output.open("a", encoding="utf-8") as out, done_path.open("a", encoding="utf-8") as done_file:
+        for b in range(0, len(todo), prompts_per_batch):
+            if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+                log.info("time budget reached after %d prompts", stats.prompts_done)
+                break
+            batch = todo[b : b + prompts_per_batch]
+            requests, meta = [], []
+            for row_index, row in enumerate(batch):
+                slot = 0
+                # Which of an alternating pair this prompt uses ("pleasant" / "friendly").
+                use_alt = _seed_for(seed, row.prompt_id, -1) % 2 == 1
+                for pref in preferences:
+                    name = alternates.get(pref, pref) if use_alt else pref
+                    s = _seed_for(seed, row.prompt_id, slot)
+                    slot += 1
+                    requests.append(
+                        aligner.build_request(
+                            row.text, name, "pref", template="pad", temperature=temperature,
+                            top_p=top_p, seed=s, max_new_tokens=max_new_tokens,
+                        )
+                    )
+                    meta.append((row_index, name, s))
+                for _ in range(base_samples):
+                    s = _seed_for(seed, row.prompt_id, slot)
+                    slot += 1
+                    requests.append(
+                        aligner.build_request(
+                            row.text, None, "base", template="pad", temperature=temperature,
+                            top_p=top_p, seed=s, max_new_tokens=max_new_tokens,
+                        )
+                    )
+                    meta.append((row_index, "base", s))
+            results = aligner.engine.generate(requests)
+            pools: list[list[Candidate]] = [[] for _ in batch]
+            for (row_index, source, s), res in zip(meta, results):
+                stats.samples += 1
+                stats.tokens += res.usage.completion_tokens
+                reason = collapse.reason(res.text)
+                if reason:
+                    stats.rejected_collapse[reason] = stats.rejected_collapse.get(reason, 0) + 1
+                    continue
+                pools[row_index].append(Candidate(res.text.strip(), res.finish_reason, source, s))
+            for row_index, row in enumerate(batch):
+                pool = pools[row_index]
+                use_alt = _seed_for(seed, row.prompt_id, -1) % 2 == 1
+                for pref in preferences:
+                    name = alternates.get(pref, pref) if use_alt else pref
+                    judge = judges[name]
+                    scores = judge.score_many([c.text for c in pool], prompts=[row.text] * len(pool)) if pool else []
+                    margin = margins.get(judge.name, FALLBACK_MIN_MARGIN) * margin_scale
+                    picked = pick_pair(pool, scores, judge.direction, margin)
+                    if picked is None:
+                        stats.no_margin[name] = stats.no_margin.get(name, 0) + 1
+                        continue
+                    c, r = picked
+                    record = {
+                        "preference": name,
+                        "prompt": row.text,
+                        "chosen": pool[c].text,
+                        "rejected": pool[r].text,
+                        "prompt_id": row.prompt_id,
+                        "judge": judge.name,
+                        "direction": judge.direction,
+                        "chosen_score": round(float(scores[c]), 4),
+                        "rejected_score": round(float(scores[r]), 4),
+                        "chosen_complete": pool[c].finish_reason == "stop",
+                        "rejected_complete": pool[r].finish_reason == "stop",
+                        "chosen_source": pool[c].source,
+                        "rejected_source": pool[r].source,
+                    }
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    stats.rows += 1
+                    stats.per_preference[name] = stats.per_preference.get(name, 0) + 1
+                done_file.write(row.prompt_id + "\n")
+                stats.prompts_done += 1
+            out.flush()
+            done_file.flush()
+            if progress:
+                progress(len(batch))
+    stats.seconds = time.monotonic() - start
+    return stats
+
+
+def read_rows(path: Path) -> Iterable[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

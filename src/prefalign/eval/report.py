@@ -1,0 +1,631 @@
+"""Reports of an evaluation directory: ``report.md`` with paper-style tables, and plots.
+
+:func:`write_report` reads ``DIR/results.jsonl`` and ``DIR/config.json`` and writes
+``DIR/report.md`` plus PNG plots (see :mod:`prefalign.eval.plots`):
+
+- **Scores**: preferences as rows, method variants as columns, the mean judge score
+  (in the judge's units; the arrow says which way is better), best in bold.
+- **Win rates** against ``pref`` and against ``base``: per prompt, does the method's
+  answer score better (by the judge's direction) than the reference's answer to the
+  same prompt under the same preference? Ties count half. 95% intervals by bootstrap
+  over prompts.
+- **Fluency**: perplexity under the model, repetition, non-dictionary share,
+  truncation rate and collapsed share per method; **speed**: tokens/s per method.
+
+Collapsed answers (see :mod:`prefalign.eval.guards`; the verdict is recomputed here
+with the perplexity-ratio rule, using the ``base`` answer to the same prompt as the
+reference) are left out of mean scores and win rates, counted, and listed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrefalignError
+from .runner import CONFIG_FILE, REPORT_FILE, RESULTS_FILE, _load_config, read_results
+
+#: Reference variants that win rates compare against, in table order.
+REFERENCES = ("pref", "base")
+BOOTSTRAP_SAMPLES = 2000
+
+
+# --- Statistics ----------------------------------------------------------------------
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    *,
+    clusters: Sequence[Any] | None = None,
+    stat: Callable[[Sequence[float]], float] | None = None,
+    samples: int = BOOTSTRAP_SAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` (default: the mean) of ``values``.
+
+    ``clusters`` (one label per value) resamples whole clusters, e.g. all rows of one
+    prompt, so that correlated values do not narrow the interval. Deterministic for a
+    given ``seed``. Returns ``(nan, nan)`` for no values; one value gives a zero-width
+    interval.
+    """
+    import numpy as np
+
+    vals = np.asarray(values, dtype=float)
+    if vals.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        groups = [np.array([v]) for v in vals]
+    else:
+        if len(clusters) != len(vals):
+            raise PrefalignError("clusters must label every value", field="clusters")
+        by: dict[Any, list[float]] = defaultdict(list)
+        for c, v in zip(clusters, vals):
+            by[c].append(float(v))
+        groups = [np.asarray(g) for g in by.values()]
+    n = len(groups)
+    picks = rng.integers(0, n, size=(samples, n))
+    if stat is None and all(len(g) == 1 for g in groups):
+        flat = np.array([g[0] for g in groups])
+        stats = flat[picks].mean(axis=1)
+    else:
+        fn = stat or (lambda xs: float(np.mean(xs)))
+        stats = np.array([fn(np.concatenate([groups[i] for i in row])) for row in picks])
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    return (float(lo), float(hi))
+
+
+def win_outcome(score: float, reference: float, direction: int) -> float:
+    """1 if ``score`` beats ``reference`` in the judge's direction, 0.5 on a tie, else 0."""
+    a, b = direction * score, direction * reference
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+# --- Analysis ------------------------------------------------------------------------
+
+
+@dataclass
+class WinRate:
+    """Win rate of a variant against a reference over matched prompts."""
+
+    rate: float
+    low: float
+    high: float
+    n: int
+    excluded: int  # pairs left out because either answer collapsed
+
+    def cell(self) -> str:
+        if self.n == 0:
+            return "–"
+        return f"{self.rate:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+@dataclass
+class ScoreCell:
+    """Mean judge score of one preference × variant (collapsed rows left out)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    collapsed: int
+    values: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Analysis:
+    """Everything the report and the plots show, computed once from the rows."""
+
+    rows: list[dict[str, Any]]
+    config: dict[str, Any]
+    preferences: list[str]
+    variants: list[str]
+    datasets: list[str]
+    judges: dict[str, dict[str, Any]]  # preference -> {name, direction, units}
+    scores: dict[tuple[str, str], ScoreCell]  # (preference, variant)
+    scores_by_dataset: dict[tuple[str, str, str], ScoreCell]  # (dataset, preference, variant)
+    wins: dict[str, dict[tuple[str, str], WinRate]]  # reference -> (preference, variant) -> WinRate
+    wins_all: dict[str, dict[str, WinRate]]  # reference -> variant -> pooled WinRate
+    fluency: dict[str, dict[str, float]]  # variant -> measure -> value
+    fluency_by_pref: dict[tuple[str, str], dict[str, float]]
+    speed: dict[str, dict[str, float]]
+    collapsed_rows: list[dict[str, Any]]
+    method_of: dict[str, str]  # variant -> method
+    sweep_of: dict[str, dict[str, Any]]  # variant -> swept params
+
+
+def _order(seen: Sequence[str], preferred: Sequence[str] = ()) -> list[str]:
+    out = [p for p in preferred if p in seen]
+    return out + [s for s in dict.fromkeys(seen) if s not in out]
+
+
+def mark_collapse(rows: list[dict[str, Any]]) -> None:
+    """Recompute each row's collapse verdict with the perplexity-ratio rule.
+
+    The reference perplexity is that of the ``base`` answer to the same prompt (same
+    dataset, prompt id and template when available). Sets ``row["collapsed"]`` and
+    ``row["collapse_reasons"]`` in place.
+    """
+    from .guards import guard_report
+
+    ref: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        ppl = (r.get("guards") or {}).get("perplexity")
+        if r.get("method") == "base" and not r.get("sweep") and ppl is not None:
+            ref.setdefault((r["dataset"], r["prompt_id"], r.get("template")), ppl)
+            ref.setdefault((r["dataset"], r["prompt_id"]), ppl)
+    for r in rows:
+        g = r.get("guards") or {}
+        reference = ref.get((r["dataset"], r["prompt_id"], r.get("template")), ref.get((r["dataset"], r["prompt_id"])))
+        ppl = g.get("perplexity")
+        report = guard_report(
+            r.get("text", ""),
+            finish_reason=r.get("finish_reason"),
+            perplexity=ppl if ppl is not None else None,
+            reference_perplexity=reference,
+        )
+        r["collapsed"] = report.collapsed
+        r["collapse_reasons"] = "; ".join(report.reasons)
+        r["perplexity_ratio"] = report.perplexity_ratio
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _score_cell(rows: Sequence[dict[str, Any]], seed: int) -> ScoreCell:
+    kept = [r for r in rows if not r["collapsed"] and r.get("score") is not None]
+    values = [float(r["score"]) for r in kept]
+    lo, hi = bootstrap_ci(values, seed=seed) if values else (math.nan, math.nan)
+    return ScoreCell(_mean(values), lo, hi, len(values), sum(1 for r in rows if r["collapsed"]), values)
+
+
+def _win_rate(
+    rows: Sequence[dict[str, Any]], reference: dict[tuple[str, str, str], dict[str, Any]], seed: int
+) -> WinRate:
+    outcomes, clusters, excluded = [], [], 0
+    for r in rows:
+        ref = reference.get((r["preference"], r["dataset"], r["prompt_id"]))
+        if ref is None or r.get("score") is None or ref.get("score") is None:
+            continue
+        if r["collapsed"] or ref["collapsed"]:
+            excluded += 1
+            continue
+        outcomes.append(win_outcome(float(r["score"]), float(ref["score"]), int(r.get("direction", 1))))
+        clusters.append((r["dataset"], r["prompt_id"]))
+    if not outcomes:
+        return WinRate(math.nan, math.nan, math.nan, 0, excluded)
+    lo, hi = bootstrap_ci(outcomes, clusters=clusters, seed=seed)
+    return WinRate(_mean(outcomes), lo, hi, len(outcomes), excluded)
+
+
+def _unique_generations(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    # base answers are shared by every preference: count each answer once.
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        seen.setdefault(r.get("generation") or id(r), r)  # type: ignore[arg-type]
+    return list(seen.values())
+
+
+def _fluency(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    gens = _unique_generations(rows)
+    ppl = [r["guards"]["perplexity"] for r in gens if (r.get("guards") or {}).get("perplexity") is not None]
+    ratios = [r["perplexity_ratio"] for r in gens if r.get("perplexity_ratio") is not None]
+    g = [r.get("guards") or {} for r in gens]
+    return {
+        "answers": len(gens),
+        "tokens": _mean([r.get("completion_tokens", 0) for r in gens]),
+        "perplexity": statistics.median(ppl) if ppl else math.nan,
+        "perplexity_ratio": statistics.median(ratios) if ratios else math.nan,
+        "repetition": _mean([x.get("repetition_4", 0.0) for x in g]),
+        "non_dictionary": _mean([x.get("non_dictionary_share", 0.0) for x in g]),
+        "truncated": _mean([1.0 if r.get("finish_reason") == "length" else 0.0 for r in gens]),
+        "collapsed": _mean([1.0 if r["collapsed"] else 0.0 for r in gens]),
+    }
+
+
+def _speed(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    gens = _unique_generations(rows)
+    tokens = sum(r.get("completion_tokens", 0) for r in gens)
+    # Throughput: tokens over the wall time of the batches that produced them (rows of
+    # one batch decode concurrently, so per-answer seconds overlap).
+    walls: dict[str, float] = {}
+    for r in gens:
+        b = r.get("batch") or {}
+        if b.get("id") is not None and b.get("elapsed") is not None:
+            walls[b["id"]] = max(walls.get(b["id"], 0.0), float(b["elapsed"]))
+    wall = sum(walls.values())
+    latency = [r["seconds"] for r in gens if r.get("seconds") is not None]
+    passes = sum(r.get("forward_passes", 0) for r in gens)
+    return {
+        "answers": len(gens),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else math.nan,
+        "answers_per_min": 60 * len(gens) / wall if wall > 0 else math.nan,
+        "latency": _mean(latency),
+        "passes_per_token": passes / tokens if tokens else math.nan,
+    }
+
+
+def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *, seed: int = 0) -> Analysis:
+    """Compute the report's tables from results rows (marks collapse on the rows)."""
+    if not rows:
+        raise PrefalignError("no results rows to report on", field="dir")
+    mark_collapse(rows)
+    config = config or {}
+    runs = config.get("runs") or []
+    planned_prefs = [p for run in runs for p in run.get("preferences", [])]
+    planned_variants = [v for run in runs for v in run.get("variants", [])]
+    preferences = _order([r["preference"] for r in rows], planned_prefs)
+    variants = _order([r["variant"] for r in rows], planned_variants)
+    datasets = _order([r["dataset"] for r in rows])
+    method_of = {r["variant"]: r["method"] for r in rows}
+    sweep_of = {r["variant"]: r.get("sweep") or {} for r in rows}
+    judges: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        judges.setdefault(r["preference"], {"name": r.get("judge"), "direction": r.get("direction", 1)})
+    _add_judge_units(judges)
+
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    cells_ds: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["preference"], r["variant"])].append(r)
+        cells_ds[(r["dataset"], r["preference"], r["variant"])].append(r)
+    scores = {k: _score_cell(v, seed) for k, v in cells.items()}
+    scores_ds = {k: _score_cell(v, seed) for k, v in cells_ds.items()}
+
+    wins: dict[str, dict[tuple[str, str], WinRate]] = {}
+    wins_all: dict[str, dict[str, WinRate]] = {}
+    for ref_name in REFERENCES:
+        if ref_name not in variants:
+            continue
+        reference = {(r["preference"], r["dataset"], r["prompt_id"]): r for r in rows if r["variant"] == ref_name}
+        wins[ref_name] = {
+            (p, v): _win_rate(cells[(p, v)], reference, seed)
+            for p in preferences for v in variants if v != ref_name and (p, v) in cells
+        }
+        wins_all[ref_name] = {
+            v: _win_rate([r for r in rows if r["variant"] == v], reference, seed) for v in variants if v != ref_name
+        }
+
+    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_variant[r["variant"]].append(r)
+    fluency = {v: _fluency(by_variant[v]) for v in variants}
+    fluency_by_pref = {k: _fluency(v) for k, v in cells.items()}
+    speed = {v: _speed(by_variant[v]) for v in variants}
+    collapsed_rows = [r for r in rows if r["collapsed"]]
+    return Analysis(
+        rows=rows, config=config, preferences=preferences, variants=variants, datasets=datasets, judges=judges,
+        scores=scores, scores_by_dataset=scores_ds, wins=wins, wins_all=wins_all, fluency=fluency,
+        fluency_by_pref=fluency_by_pref, speed=speed, collapsed_rows=collapsed_rows, method_of=method_of,
+        sweep_of=sweep_of,
+    )
+
+
+def _add_judge_units(judges: dict[str, dict[str, Any]]) -> None:
+    try:
+        from .judges import judges_for
+    except ImportError:  # pragma: no cover - judges are part of the package
+        return
+    for pref, info in judges.items():
+        try:
+            found = judges_for(pref, backend="keywords")  # never loads a model just for a label
+        except Exception:
+            continue
+        info["units"] = found[0].units
+        info["combined"] = len(found) > 1
+
+
+# --- Markdown --------------------------------------------------------------------------
+
+
+def fmt(value: float | None) -> str:
+    """A number with about three significant digits (``–`` for missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    a = abs(value)
+    if a >= 100:
+        return f"{value:.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    if a >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _pct(value: float) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:.0f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _arrow(direction: int) -> str:
+    return "↑" if direction >= 0 else "↓"
+
+
+def score_table(a: Analysis, cells: dict[Any, ScoreCell], prefix: tuple[str, ...] = ()) -> list[str]:
+    """Preferences × variants of mean scores; the best per row (by direction) in bold."""
+    header = ["preference", "judge", *a.variants]
+    body = []
+    for p in a.preferences:
+        j = a.judges.get(p, {})
+        direction = int(j.get("direction", 1))
+        row_cells = {v: cells.get((*prefix, p, v)) for v in a.variants}
+        present = {v: c for v, c in row_cells.items() if c is not None and c.n > 0}
+        if not any(c is not None for c in row_cells.values()):
+            continue
+        best = max((direction * c.mean for c in present.values()), default=None)
+        out = []
+        for v in a.variants:
+            c = row_cells[v]
+            if c is None:
+                out.append("")
+                continue
+            text = fmt(c.mean) if c.n else "–"
+            if best is not None and c.n and math.isclose(direction * c.mean, best, rel_tol=0, abs_tol=1e-12):
+                text = f"**{text}**"
+            if c.collapsed:
+                text += f" †{c.collapsed}"
+            out.append(text)
+        body.append([p, f"{j.get('name', '?')} {_arrow(direction)}", *out])
+    return _table(header, body, "ll" + "r" * len(a.variants))
+
+
+def win_table(a: Analysis, reference: str) -> list[str]:
+    variants = [v for v in a.variants if v != reference]
+    header = ["preference", *variants]
+    body = []
+    for p in a.preferences:
+        row = []
+        for v in variants:
+            w = a.wins[reference].get((p, v))
+            row.append("" if w is None else w.cell() + (f" †{w.excluded}" if w.excluded else ""))
+        body.append([p, *row])
+    pooled = []
+    for v in variants:
+        w = a.wins_all[reference][v]
+        pooled.append(f"**{w.cell()}**" + (f" †{w.excluded}" if w.excluded else "") if w.n else "–")
+    body.append(["*all (n pairs)*", *[f"{c} (n={a.wins_all[reference][v].n})" for c, v in zip(pooled, variants)]])
+    return _table(header, body)
+
+
+def fluency_table(a: Analysis) -> list[str]:
+    header = ["method", "answers", "mean tokens", "median perplexity", "ppl / base", "repeated 4-grams",
+              "non-dictionary words", "truncated", "collapsed"]
+    body = []
+    for v in a.variants:
+        f = a.fluency[v]
+        body.append([v, str(int(f["answers"])), fmt(f["tokens"]), fmt(f["perplexity"]), fmt(f["perplexity_ratio"]),
+                     _pct(f["repetition"]), _pct(f["non_dictionary"]), _pct(f["truncated"]), _pct(f["collapsed"])])
+    return _table(header, body)
+
+
+def speed_table(a: Analysis) -> list[str]:
+    header = ["method", "answers", "tokens/s", "answers/min", "mean latency (s)", "forward passes / token"]
+    body = []
+    for v in a.variants:
+        s = a.speed[v]
+        body.append([v, str(int(s["answers"])), fmt(s["tokens_per_s"]), fmt(s["answers_per_min"]),
+                     fmt(s["latency"]), fmt(s["passes_per_token"])])
+    return _table(header, body)
+
+
+def collapse_table(a: Analysis) -> list[str]:
+    header = ["preference", *a.variants]
+    body = []
+    for p in a.preferences:
+        row = []
+        for v in a.variants:
+            c = a.scores.get((p, v))
+            row.append("" if c is None else f"{c.collapsed}/{c.collapsed + c.n + _missing(a, p, v)}")
+        body.append([p, *row])
+    return _table(header, body)
+
+
+def collapse_reason_table(a: Analysis) -> list[str]:
+    """Per method: how many distinct answers each guard rule flagged (an answer can trip several)."""
+    rules = ("repetition", "non-words", "perplexity")
+    header = ["method", "answers", *rules]
+    body = []
+    for v in a.variants:
+        gens = _unique_generations([r for r in a.rows if r["variant"] == v])
+        counts = [sum(1 for r in gens if rule + ":" in r.get("collapse_reasons", "")) for rule in rules]
+        body.append([v, str(len(gens)), *map(str, counts)])
+    return _table(header, body)
+
+
+def _verdict(w: WinRate) -> str:
+    if not w.n:
+        return "no comparable pairs"
+    if w.low > 0.5:
+        return "better"
+    if w.high < 0.5:
+        return "worse"
+    return "no clear difference"
+
+
+def summary_lines(a: Analysis) -> list[str]:
+    """Plain-language summary: each method against pref and base, and its length change."""
+    lines = []
+    base_tokens = a.fluency.get("base", {}).get("tokens")
+    for v in a.variants:
+        if v == "base":  # its win rate against pref is the mirror of pref's against base
+            continue
+        parts = []
+        for ref in REFERENCES:
+            if ref == v or ref not in a.wins_all:
+                continue
+            w = a.wins_all[ref][v]
+            parts.append(f"vs `{ref}` {w.cell()} over {w.n} pairs: **{_verdict(w)}**")
+        if not parts:
+            continue
+        f = a.fluency[v]
+        extra = ""
+        if base_tokens and v != "base" and not math.isnan(f["tokens"]):
+            change = f["tokens"] / base_tokens - 1
+            extra = f"; answers {abs(change):.0%} {'shorter' if change < 0 else 'longer'} than base's"
+        lines.append(f"- `{v}`: " + "; ".join(parts) + f"; collapsed {_pct(f['collapsed'])}{extra}.")
+    return lines
+
+
+def _missing(a: Analysis, p: str, v: str) -> int:
+    # rows neither collapsed nor scored (a judge error): counted in the denominator
+    return sum(1 for r in a.rows if r["preference"] == p and r["variant"] == v and not r["collapsed"] and r.get("score") is None)
+
+
+def _snippet(text: str, n: int = 160) -> str:
+    t = " ".join(text.split()).replace("|", "\\|")
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Evaluation report") -> str:
+    """The report as Markdown (plots linked by file name, relative to the report)."""
+    cfg = a.config
+    runs = cfg.get("runs") or []
+    settings = cfg.get("settings") or {}
+    model = next((r.get("model") for r in reversed(runs) if r.get("model")), settings.get("model", "?"))
+    lines = [f"# {title}", ""]
+    n_prompts = {d: len({r["prompt_id"] for r in a.rows if r["dataset"] == d}) for d in a.datasets}
+    lines += [
+        f"- **Model:** {model}; max_new_tokens {settings.get('max_new_tokens', '?')}, "
+        f"template {settings.get('template') or 'each method’s default'}, greedy decoding.",
+        f"- **Datasets (prompts):** " + ", ".join(f"{d} ({n})" for d, n in n_prompts.items()),
+        f"- **Preferences:** {', '.join(a.preferences)}",
+        f"- **Methods:** {', '.join(a.variants)}",
+        f"- **Rows:** {len(a.rows)}; collapsed: {len(a.collapsed_rows)} "
+        f"({_pct(len(a.collapsed_rows) / len(a.rows))}).",
+    ]
+    planned = runs[-1].get("rows_planned") if runs else None
+    if runs and any(r.get("status") != "finished" for r in runs[-1:]):
+        lines.append(f"- **Incomplete:** the last run's status is *{runs[-1].get('status')}*; rerun its command to resume.")
+    elif planned and planned > len(a.rows) and len(runs) == 1:
+        lines.append(f"- **Incomplete:** {len(a.rows)} of {planned} planned rows.")
+    if runs:
+        lines += ["", "Commands (in order):", "", "```sh", *[r["command"] for r in runs if r.get("command")], "```"]
+    summary = summary_lines(a)
+    if summary:
+        lines += [
+            "",
+            "## Summary",
+            "",
+            "Pooled win rate over all preferences and prompts (95% interval; \"better\"/\"worse\" only when the "
+            "interval excludes 0.5):",
+            "",
+            *summary,
+        ]
+        prompts = len({(r["dataset"], r["prompt_id"]) for r in a.rows})
+        if prompts < 10:
+            lines += ["", f"*Only {prompts} prompts: bootstrap intervals over so few prompts are too narrow to trust; "
+                          "treat these as a smoke test and raise `--limit`.*"]
+    lines += [
+        "",
+        "## Judge scores",
+        "",
+        "Mean judge score per preference (rows) and method (columns), over all datasets, in the judge's units; "
+        "↑/↓: higher/lower is more aligned. **Bold**: best in the row. Collapsed answers are left out; "
+        "†k: k answers of that cell collapsed (see *Collapse*).",
+        "",
+        *score_table(a, a.scores),
+    ]
+    for ref in REFERENCES:
+        if ref not in a.wins:
+            continue
+        lines += [
+            "",
+            f"## Win rate against `{ref}`",
+            "",
+            f"Share of prompts where the method's answer beats `{ref}`'s answer to the same prompt under the same "
+            "preference, by the preference's judge (ties count half), with a 95% bootstrap interval over prompts. "
+            "Pairs where either answer collapsed are left out (†k: k pairs). 0.5 = no effect.",
+            "",
+            *win_table(a, ref),
+        ]
+    lines += [
+        "",
+        "## Fluency",
+        "",
+        "Per method, each distinct answer once (a `base` answer serves every preference). Perplexity: of the answer "
+        "under the model given the prompt without preference (median); ppl / base: median ratio to the `base` answer's "
+        "perplexity on the same prompt; repeated 4-grams: mean share; non-dictionary words: mean share of words not "
+        "in CMUdict; truncated: stopped at max_new_tokens; collapsed: flagged by the guards.",
+        "",
+        *fluency_table(a),
+        "",
+        "## Speed",
+        "",
+        "Throughput over the wall time of the batches (answers in a batch decode together); latency: per answer "
+        "from its prefill to its last token. Measured on the machine that ran the grid, while sharing it.",
+        "",
+        *speed_table(a),
+        "",
+        "## Collapse",
+        "",
+        "Collapsed answers / answers, per preference and method (repetition loops, non-words, or perplexity "
+        "far above the base answer's; thresholds in docs/judges.md).",
+        "",
+        *collapse_table(a),
+        "",
+        "Which rule flagged them (distinct answers per method):",
+        "",
+        *collapse_reason_table(a),
+    ]
+    if a.collapsed_rows:
+        lines += ["", "Examples:", ""]
+        examples = [[r["dataset"], str(r["prompt_id"]), r["preference"], r["variant"], r["collapse_reasons"],
+                     _snippet(r.get("text", ""))] for r in a.collapsed_rows[:12]]
+        lines += _table(["dataset", "id", "preference", "method", "why", "answer"], examples, "llllll")
+    if len(a.datasets) > 1:
+        lines += ["", "## By dataset", ""]
+        for d in a.datasets:
+            lines += [f"### {d}", "", *score_table(a, a.scores_by_dataset, (d,)), ""]
+    if plots:
+        lines += ["", "## Plots", ""]
+        for p in plots:
+            lines += [f"![{p.stem}]({p.name})", ""]
+    lines += ["", "## Judges", "", "See docs/judges.md for what each measure computes and where it misleads.", ""]
+    jrows = [[p, str(j.get("name")), _arrow(int(j.get("direction", 1))), str(j.get("units", ""))
+              + (" (first of a combined principle)" if j.get("combined") else "")] for p, j in a.judges.items()]
+    lines += _table(["preference", "judge", "better", "units"], jrows, "llll")
+    if runs:
+        v = runs[-1].get("versions") or {}
+        lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(directory: str | Path, *, plots: bool = True, title: str | None = None) -> Path:
+    """Write ``DIR/report.md`` (and plots next to it) from ``DIR/results.jsonl``; return its path."""
+    d = Path(directory).expanduser()
+    if not (d / RESULTS_FILE).is_file():
+        raise PrefalignError(f"{d} has no {RESULTS_FILE}; run `prefalign eval --out {d}` first", field="dir")
+    rows = read_results(d)
+    if not rows:
+        raise PrefalignError(f"{d / RESULTS_FILE} has no rows yet", field="dir")
+    config = _load_config(d / CONFIG_FILE)
+    a = analyse(rows, config)
+    images: list[Path] = []
+    if plots:
+        try:
+            from .plots import make_plots
+        except ImportError as exc:  # pragma: no cover - matplotlib missing
+            import logging
+
+            logging.getLogger(__name__).warning("no plots: %s (pip install 'prefalign[eval]')", exc)
+        else:
+            images = make_plots(a, d)
+    path = d / REPORT_FILE
+    path.write_text(render_markdown(a, images, title=title or f"Evaluation report: {d.name}"), encoding="utf-8")
+    return path

@@ -1,0 +1,117 @@
+"""The evaluation report: a synthetic results file renders the expected tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from prefalign.errors import PrefalignError
+from prefalign.eval.report import analyse, bootstrap_ci, fmt, render_markdown, win_outcome, write_report
+
+# Scores per preference → variant → prompt p0..p3. concise is judged by length (lower is
+# better), formal by the formality proxy (higher is better).
+SCORES = {
+    "concise": {"base": [40, 40, 40, 40], "pref": [30, 30, 30, 30], "amulet": [20, 20, 20, 5]},
+    "formal": {"base": [50, 50, 50, 50], "pref": [52, 54, 55, 55], "amulet": [52, 52, 52, 52]},
+}
+JUDGE = {"concise": ("length_words", -1), "formal": ("formality_f", 1)}
+# amulet's answer to p3 under "concise" collapsed: perplexity 10x the base answer's.
+COLLAPSED = ("concise", "amulet", "p3")
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for pref, by_variant in SCORES.items():
+        for variant, scores in by_variant.items():
+            for i, score in enumerate(scores):
+                pid = f"p{i}"
+                ppl = 100.0 if (pref, variant, pid) == COLLAPSED else 10.0
+                gen = f"base-{pid}" if variant == "base" else f"{variant}-{pref}-{pid}"
+                rows.append({
+                    "dataset": "toy", "prompt_id": pid, "prompt": "Question?", "preference": pref,
+                    "method": variant, "variant": variant, "sweep": {}, "params": {}, "template": "amulet",
+                    "text": "A short fine answer.", "completion_tokens": 10, "finish_reason": "stop",
+                    "seconds": 1.0, "forward_passes": 10 if variant in ("base", "pref") else 20,
+                    "judge": JUDGE[pref][0], "direction": JUDGE[pref][1], "score": float(score),
+                    "guards": {"perplexity": ppl, "repetition_4": 0.0, "non_dictionary_share": 0.0},
+                    "generation": gen, "shared": variant == "base",
+                    "batch": {"id": f"b-{variant}", "size": 8, "elapsed": 2.0}, "time": "2026-01-01T00:00:00+00:00",
+                })
+    return rows
+
+
+def _row_of(markdown: str, section: str, first_cell: str) -> list[str]:
+    """Cells of the table row starting with ``first_cell`` in the section titled ``section``."""
+    part = markdown.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in section {section!r}")
+
+
+def test_score_table_means_and_bold():
+    md = render_markdown(analyse(_rows()))
+    header = _row_of(md, "Judge scores", "preference")
+    assert header == ["preference", "judge", "base", "pref", "amulet"]
+    # collapsed row left out of amulet's mean (20, not 16.25), flagged †1; lowest length is best
+    assert _row_of(md, "Judge scores", "concise") == ["concise", "length_words ↓", "40.0", "30.0", "**20.0** †1"]
+    assert _row_of(md, "Judge scores", "formal") == ["formal", "formality_f ↑", "50.0", "**54.0**", "52.0"]
+
+
+def test_win_rates_ties_and_exclusions():
+    a = analyse(_rows())
+    vs_pref, vs_base = a.wins["pref"], a.wins["base"]
+    w = vs_pref[("concise", "amulet")]
+    assert (w.rate, w.n, w.excluded) == (1.0, 3, 1)  # the collapsed pair is excluded
+    w = vs_pref[("formal", "amulet")]
+    assert w.rate == pytest.approx(0.125) and w.n == 4  # one tie (52 vs 52) counts half
+    assert vs_base[("formal", "pref")].rate == 1.0 and vs_base[("concise", "pref")].rate == 1.0
+    assert vs_base[("formal", "amulet")].rate == 1.0
+    md = render_markdown(a)
+    assert _row_of(md, "Win rate against `pref`", "concise") == ["concise", "0.00 [0.00, 0.00]", "1.00 [1.00, 1.00] †1"]
+
+
+def test_fluency_speed_and_collapse_tables():
+    a = analyse(_rows())
+    assert a.fluency["base"]["answers"] == 4  # shared base answers counted once
+    assert a.fluency["amulet"]["collapsed"] == pytest.approx(1 / 8)
+    assert a.fluency["amulet"]["perplexity_ratio"] == pytest.approx(1.0)
+    assert a.speed["base"]["tokens_per_s"] == pytest.approx(40 / 2.0)  # 4 answers × 10 tokens in one 2 s batch
+    assert a.speed["amulet"]["passes_per_token"] == pytest.approx(2.0)
+    md = render_markdown(a)
+    assert _row_of(md, "Collapse", "concise") == ["concise", "0/4", "0/4", "1/4"]
+    assert "perplexity: 10.0x the reference" in md
+
+
+def test_write_report_with_plots(tmp_path):
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    path = write_report(tmp_path)
+    md = path.read_text()
+    assert "![scores_by_preference](scores_by_preference.png)" in md
+    for name in ("scores_by_preference.png", "win_rates.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    with pytest.raises(PrefalignError, match="no results.jsonl"):
+        write_report(tmp_path / "missing")
+
+
+def test_bootstrap_interval_contains_mean():
+    rng = random.Random(0)
+    values = [rng.gauss(3.0, 2.0) for _ in range(40)]
+    mean = sum(values) / len(values)
+    lo, hi = bootstrap_ci(values, seed=1)
+    assert lo < mean < hi and hi - lo < 2.5
+    assert bootstrap_ci(values, seed=1) == (lo, hi)  # deterministic
+    clusters = [i // 4 for i in range(40)]
+    clo, chi = bootstrap_ci(values, clusters=clusters)
+    assert clo <= mean <= chi
+    assert bootstrap_ci([2.0]) == (2.0, 2.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_helpers():
+    assert win_outcome(3, 5, -1) == 1.0 and win_outcome(3, 5, 1) == 0.0 and win_outcome(4, 4, 1) == 0.5
+    assert [fmt(x) for x in (1234.5, 54.04, 3.14159, 0.12345, float("nan"))] == ["1234", "54.0", "3.14", "0.123", "–"]

@@ -55,6 +55,23 @@ class EngineFailure(Exception):
 Event = Union[Delta, GenerationResult, BaseException]
 
 
+def _post_all(items: list[tuple[Job, Event]]) -> None:
+    """Deliver a step's events with one wake-up per event loop, not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+    for job, event in items:
+        by_loop.setdefault(job._loop, []).append((job, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, batch)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
+            pass
+
+
+def _deliver_all(batch: list[tuple[Job, Event]]) -> None:
+    for job, event in batch:
+        job._deliver(event)
+
+
 class Job:
     """One submitted request and the channel its events come back through.
 
@@ -257,6 +274,7 @@ class Scheduler:
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         done: list[Job] = []
+        outbox: list[tuple[Job, Event]] = []
         for delta in deltas:
             job = self._running.get(delta.request_id)
             if job is None:  # cancelled while this step ran: discard its output
@@ -264,15 +282,16 @@ class Scheduler:
                     self.engine.pop_result(delta.request_id)
                 continue
             if job.stream:
-                job.post(delta)
+                outbox.append((job, delta))
             if delta.finish_reason is not None:
                 result = self.engine.pop_result(delta.request_id)
                 if result is None:  # should not happen; never leave a client hanging
-                    job.post(EngineFailure("the engine finished the request without a result"))
+                    outbox.append((job, EngineFailure("the engine finished the request without a result")))
                 else:
-                    job.post(result)
+                    outbox.append((job, result))
                     self.stats.completion_tokens += result.usage.completion_tokens
                 done.append(job)
+        _post_all(outbox)
         if done:
             now = time.perf_counter()
             with self._lock:

@@ -462,7 +462,10 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return APIError(422, f"invalid request: {exc.errors()[:1]}", code="invalid_type").response()
+        # Only path/query parameters reach FastAPI's own validation (bodies are parsed by read_body).
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return APIError(422, f"invalid value for '{param}': {first.get('msg', 'invalid request')}", param=param, code="invalid_type").response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -6,12 +6,9 @@ Registered in the main CLI as ``app.command("serve")(serve)``.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Annotated, Optional
 
 import typer
-
-log = logging.getLogger("prefalign.server")
 
 
 def _is_loopback(host: str) -> bool:

@@ -95,6 +95,11 @@ def test_roles():
         ("la", {"plausibility": 1.5}, "plausibility"),
         ("beam", {"width": 0}, "width"),
         ("amulet", {"gamma": 1}, "gamma"),
+        ("amulet", {"alpha": 1e300}, "alpha"),
+        ("amulet", {"iterations": 10**6}, "iterations"),
+        ("la", {"plausibility": "x"}, "plausibility"),
+        ("la", {"ratio": -1}, "ratio"),
+        ("beam", {"width": 1000}, "width"),
     ],
 )
 def test_bad_parameters_are_named(name, params, field):

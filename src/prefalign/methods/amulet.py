@@ -26,7 +26,7 @@ import torch
 
 from ..errors import PrefalignError
 from .la import plausibility_mask
-from .method import ContextRole, Method, base_and_preferences, positive, weighted_mean
+from .method import ContextRole, Method, base_and_preferences, count, fraction, positive, weighted_mean
 
 
 @lru_cache(maxsize=256)
@@ -74,10 +74,10 @@ class Amulet(Method):
         positive("alpha", self.alpha, allow_zero=True)
         positive("lam", self.lam, allow_zero=True)
         positive("eta", self.eta)
-        if not isinstance(self.iterations, int) or isinstance(self.iterations, bool) or self.iterations < 1:
-            raise PrefalignError(f"iterations (T) must be an integer ≥ 1, got {self.iterations!r}", field="iterations")
-        if not 0 <= self.plausibility < 1:
-            raise PrefalignError(f"plausibility must be in [0, 1), got {self.plausibility}", field="plausibility")
+        count("iterations", self.iterations)
+        if not isinstance(self.exact, bool):
+            raise PrefalignError(f"exact must be true or false, got {self.exact!r}", field="exact")
+        fraction("plausibility", self.plausibility)
 
     @property
     def coefficient(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PrefalignError
+from .method import count
 from .pref import Pref
 
 
@@ -24,10 +25,9 @@ class Beam(Pref):
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
-            raise PrefalignError(f"width must be an integer ≥ 1, got {self.width!r}", field="width")
-        if not isinstance(self.length_penalty, (int, float)):
-            raise PrefalignError("length_penalty must be a number", field="length_penalty")
+        count("width", self.width, maximum=128)
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool) or not -10 <= self.length_penalty <= 10:
+            raise PrefalignError(f"length_penalty must be a number in [-10, 10], got {self.length_penalty!r}", field="length_penalty")
 
     @property
     def beam_width(self) -> int:

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrefalignError
-from .method import ContextRole, Method, base_and_preferences, positive, weighted_mean
+from .method import ContextRole, Method, base_and_preferences, fraction, positive, weighted_mean
 
 
 def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -38,8 +37,7 @@ class LinearAlignment(Method):
 
     def __post_init__(self) -> None:
         positive("ratio", self.ratio, allow_zero=True)
-        if not 0 <= self.plausibility < 1:
-            raise PrefalignError(f"plausibility must be in [0, 1), got {self.plausibility}", field="plausibility")
+        fraction("plausibility", self.plausibility)
 
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return base_and_preferences(n_preferences)

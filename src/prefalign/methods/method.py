@@ -79,14 +79,30 @@ class Method(ABC):
         return dataclasses.asdict(self)
 
 
-def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Reject a non-positive (or non-finite) parameter with a message naming it."""
+def positive(name: str, value: float, *, allow_zero: bool = False, maximum: float = 1e4) -> None:
+    """Reject a non-numeric, non-finite, non-positive or absurdly large parameter, naming it.
+
+    The upper bound keeps scores finite: e.g. Amulet's ``c_T`` grows with α, and
+    ``p + c(p − b)`` overflows into NaN long before α = 1e300.
+    """
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise PrefalignError(f"{name} must be a number, got {value!r}", field=name)
     ok = value >= 0 if allow_zero else value > 0
-    if not ok or value != value or value in (float("inf"), float("-inf")):
+    if not ok or value != value or value > maximum:
         bound = "≥ 0" if allow_zero else "> 0"
-        raise PrefalignError(f"{name} must be finite and {bound}, got {value}", field=name)
+        raise PrefalignError(f"{name} must be {bound} and at most {maximum:g}, got {value}", field=name)
+
+
+def fraction(name: str, value: float) -> None:
+    """Reject a value outside [0, 1), naming it."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise PrefalignError(f"{name} must be a number in [0, 1), got {value!r}", field=name)
+
+
+def count(name: str, value: int, *, minimum: int = 1, maximum: int = 10_000) -> None:
+    """Reject a non-integer or out-of-range count, naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise PrefalignError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}", field=name)
 
 
 def weighted_mean(per_preference: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -403,3 +403,39 @@ def test_shared_prefix_logps_match_full_sequences(tiny_model, tokenizer):
     c, r = shared_prefix_logps(prm, e, pad_id=2)
     full = sequence_logps(prm, [(e.prompt_ids, e.chosen_ids), (e.prompt_ids, e.rejected_ids)], pad_id=2)
     assert torch.allclose(torch.cat([c, r]), full, atol=1e-3)
+
+
+def test_interrupt_saves_checkpoint(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    import prefalign.prm.train as train_module
+
+    data = _write_rows(tmp_path / "pairs.jsonl", _synthetic_rows())
+    real = train_module.dpo_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # inside the second optimiser step (4 pairs per step)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "dpo_loss", flaky)
+    cfg = dict(data=data, output=tmp_path / "p", epochs=1, batch_size=4, bf16=False, progress=False, held_out=0.2)
+    report = train(TrainConfig(**cfg), policy=tiny_llama, tokenizer=tokenizer)
+    assert report["status"] == "interrupted"
+    ckpt = torch.load(tmp_path / "p-checkpoints" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 1
+    monkeypatch.setattr(train_module, "dpo_loss", real)
+    done = train(TrainConfig(resume=True, **cfg), policy=tiny_llama, tokenizer=tokenizer)
+    assert done["status"] == "done" and done["steps"]["done"] == done["steps"]["total"]
+
+
+def test_filter_rows_drops_short_readability_pairs():
+    from prefalign.prm.pairs import filter_rows
+
+    long = "This answer has quite a few words in it so that the readability grade means something at all here, really."
+    rows = [
+        {"judge": "fk_grade", "chosen": "Short text.", "rejected": long},
+        {"judge": "fk_grade", "chosen": long, "rejected": long + " More."},
+        {"judge": "length_words", "chosen": "Short text.", "rejected": long},
+    ]
+    assert filter_rows(rows) == rows[1:]

@@ -67,6 +67,9 @@ DEFAULT_MIN_MARGINS: dict[str, float] = {
     "formality_f": 5.0,  # F-score proxy points
 }
 FALLBACK_MIN_MARGIN = 0.1
+#: Judges that are noise on short texts only rank pool answers with at least this many
+#: words (so that "expert"/"formal" pairs differ in style, not in length).
+JUDGE_MIN_WORDS: dict[str, int] = {"fk_grade": 20, "formality_f": 20}
 
 
 def default_data_dir() -> Path:
@@ -342,9 +345,14 @@ def synthesize_pairs(
                 for pref in preferences:
                     name = alternates.get(pref, pref) if use_alt else pref
                     judge = judges[name]
-                    scores = judge.score_many([c.text for c in pool], prompts=[row.text] * len(pool)) if pool else []
+                    min_words = JUDGE_MIN_WORDS.get(judge.name, 0)
+                    candidates = [c for c in pool if len(_words(c.text)) >= min_words]
+                    scores = (
+                        judge.score_many([c.text for c in candidates], prompts=[row.text] * len(candidates))
+                        if candidates else []
+                    )
                     margin = margins.get(judge.name, FALLBACK_MIN_MARGIN) * margin_scale
-                    picked = pick_pair(pool, scores, judge.direction, margin)
+                    picked = pick_pair(candidates, scores, judge.direction, margin)
                     if picked is None:
                         stats.no_margin[name] = stats.no_margin.get(name, 0) + 1
                         continue
@@ -352,17 +360,17 @@ def synthesize_pairs(
                     record = {
                         "preference": name,
                         "prompt": row.text,
-                        "chosen": pool[c].text,
-                        "rejected": pool[r].text,
+                        "chosen": candidates[c].text,
+                        "rejected": candidates[r].text,
                         "prompt_id": row.prompt_id,
                         "judge": judge.name,
                         "direction": judge.direction,
                         "chosen_score": round(float(scores[c]), 4),
                         "rejected_score": round(float(scores[r]), 4),
-                        "chosen_complete": pool[c].finish_reason == "stop",
-                        "rejected_complete": pool[r].finish_reason == "stop",
-                        "chosen_source": pool[c].source,
-                        "rejected_source": pool[r].source,
+                        "chosen_complete": candidates[c].finish_reason == "stop",
+                        "rejected_complete": candidates[r].finish_reason == "stop",
+                        "chosen_source": candidates[c].source,
+                        "rejected_source": candidates[r].source,
                     }
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     stats.rows += 1
@@ -375,6 +383,17 @@ def synthesize_pairs(
                 progress(len(batch))
     stats.seconds = time.monotonic() - start
     return stats
+
+
+def filter_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop rows that :data:`JUDGE_MIN_WORDS` would have excluded (for pair files made
+    before that rule, or by other tools)."""
+    out = []
+    for row in rows:
+        need = JUDGE_MIN_WORDS.get(str(row.get("judge", "")), 0)
+        if min(len(_words(row["chosen"])), len(_words(row["rejected"]))) >= need:
+            out.append(row)
+    return out
 
 
 def read_rows(path: Path) -> Iterable[dict[str, Any]]:

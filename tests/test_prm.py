@@ -439,3 +439,38 @@ def test_filter_rows_drops_short_readability_pairs():
         {"judge": "length_words", "chosen": "Short text.", "rejected": long},
     ]
     assert filter_rows(rows) == rows[1:]
+
+
+def test_policy_accelerated_after_loading(tokenizer, tmp_path):
+    from prefalign import fastpath
+
+    if not fastpath.is_supported(torch.float32):
+        pytest.skip("fast path not supported here")
+    from conftest import _tiny_llama
+
+    policy = _tiny_llama(len(tokenizer), seed=4)
+    prm = build_prm(policy)
+    _perturb(prm)
+    save_prm(prm, tmp_path / "p", tokenizer, base_model_name="tiny", preferences=["concise"], dtype="float32")
+    loaded = load_prm(tmp_path / "p", policy, tokenizer)
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        before = loaded(input_ids=ids).logits
+    fastpath.optimize_for_cpu(policy, dtype=torch.float32)
+    assert not any(isinstance(m, fastpath.PackedLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before)
+
+
+def test_prm_from_checkpoint(tiny_llama, tokenizer, tmp_path):
+    from prefalign.prm.train import prm_from_checkpoint
+
+    data = _write_rows(tmp_path / "pairs.jsonl", _synthetic_rows())
+    cfg = TrainConfig(data=data, output=tmp_path / "p", epochs=1, batch_size=4, bf16=False, progress=False,
+                      held_out=0.2, lora_top_layers=1, stop_after_steps=2, lr=1e-2)
+    train(cfg, policy=tiny_llama, tokenizer=tokenizer)
+    prm = prm_from_checkpoint(tmp_path / "p-checkpoints" / "checkpoint.pt", tiny_llama)
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        assert not torch.equal(prm(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
+    assert all(n.startswith("layers.1.") for n, _ in prm.lora_layers())

@@ -488,10 +488,10 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
     }
     log.info("pairs: %s", report["data"])
 
+    refs: dict[int, tuple[float, float]] | None = None
     with _Interrupt():
         try:
             # Reference log-probs: computed once, cached beside the checkpoints.
-            refs: dict[int, tuple[float, float]] | None = None
             if ref_file.is_file():
                 cached = torch.load(ref_file, map_location="cpu", weights_only=False)
                 if cached.get("digest") == digest and cached.get("bf16") == config.bf16:
@@ -561,9 +561,12 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
             prm.eval()
             save_checkpoint()
         except KeyboardInterrupt:
-            save_checkpoint() if "refs" in locals() and refs is not None else None
-            report.update(status="interrupted", step=step, checkpoint=str(ckpt_file))
-            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_file}; rerun with --resume", file=sys.stderr)
+            saved = refs is not None
+            if saved:
+                save_checkpoint()
+            report.update(status="interrupted", step=step, checkpoint=str(ckpt_file) if saved else None)
+            where = f"checkpoint saved to {ckpt_file}" if saved else "nothing to save yet"
+            print(f"\ninterrupted at step {step}; {where}; rerun with --resume", file=sys.stderr)
             return report
 
     report["steps"] = {"done": step, "total": total_steps, "per_epoch": steps_per_epoch, "epochs_done": round(step * config.batch_size / len(train_set), 3)}
@@ -608,3 +611,21 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
     (ckpt_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
     report["output"] = str(config.output)
     return report
+
+
+def prm_from_checkpoint(checkpoint: Path | str, policy: Any, *, lora_r: int | None = None) -> PersonalizedRewardModel:
+    """Rebuild the PRM of a training checkpoint (e.g. to try an unfinished run)."""
+    ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    cfg = ckpt.get("config", {})
+    layers = None
+    if cfg.get("lora_top_layers"):
+        n_layers = int(policy.config.num_hidden_layers)
+        layers = list(range(max(0, n_layers - int(cfg["lora_top_layers"])), n_layers))
+    prm = build_prm(
+        policy, lora_r=int(lora_r or cfg.get("lora_r", 8)), lora_alpha=int(cfg.get("lora_alpha", 16)),
+        target_modules=cfg.get("target_modules"), layers=layers,
+    )
+    _load_trainable_state(prm, ckpt["trainable"])
+    for p in prm.parameters():
+        p.requires_grad_(False)
+    return prm.eval()

@@ -301,10 +301,124 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny_llama, tokenizer, tmp_path):
     from prefalign.errors import TokenizerMismatchError
 
     prm = prm_api.build_prm(tiny_llama)
-    prm_api.save_prm(prm, tmp_path / "prm", tokenizer=tokenizer)
+    prm_api.save_prm(prm, tmp_path / "prm", tokenizer, base_model_name="tiny-llama", preferences=["pad:helpful"])
     other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     other.add_tokens(["<an-extra-token>"])
     al = Aligner(tiny_llama, other)
     with pytest.raises(TokenizerMismatchError):
         al.load_prm(tmp_path / "prm")
     assert PRM not in al.engine.models
+
+
+# --- one pass per step: the policy's and the PRM's rows together -----------------------------
+
+
+def _trained_looking_prm(policy, seed=3):
+    """A PRM with non-zero LoRA updates and a perturbed linear layer (unmerged)."""
+    prm_api = pytest.importorskip("prefalign.prm")
+    if not hasattr(prm_api, "build_prm"):
+        pytest.skip("prefalign.prm has no build_prm yet")
+    prm = prm_api.build_prm(policy)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in prm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        prm.linear.weight.add_(torch.randn(prm.linear.weight.shape, generator=generator) * 0.05)
+    return prm.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_pass_equals_two_passes(arch, tiny_llama, tiny_gpt2, tokenizer):
+    from prefalign.pad_fused import FusedPadModel
+
+    policy = tiny_llama if arch == "llama" else tiny_gpt2
+    prm = _trained_looking_prm(policy)
+    two = Aligner(policy, tokenizer)
+    two.add_model(PRM, prm)
+    fused = Aligner(policy, tokenizer)
+    fused.add_model(PRM, FusedPadModel(policy, prm))
+    for pref in ("pad:humor", [("pad:helpful", 1.0), ("pad:humor", 0.5)]):
+        expected = [r.token_ids for r in two.generate(PROMPTS, preference=pref, method="pad", max_new_tokens=14, w=1.5)]
+        got = fused.generate(PROMPTS, preference=pref, method="pad", max_new_tokens=14, w=1.5)
+        assert [r.token_ids for r in got] == expected
+    # Same next-token log-probs on a batch of mixed rows, to float tolerance.
+    requests = [fused.build_request(p, "pad:humor", "pad") for p in PROMPTS]
+    from prefalign.reference import _last_logprobs
+
+    seqs = [r.contexts[0][1] for r in requests]
+    policy_lp = _last_logprobs(policy, seqs, tokenizer.pad_token_id)
+    prm_lp = _last_logprobs(prm, seqs, tokenizer.pad_token_id)
+    engine = fused.engine
+    for r in requests:
+        engine.add(r)
+    engine.step()
+    state = engine._states[PRM]
+    assert len(state.rows) == 2 * len(PROMPTS)  # both keys' rows in the one pass
+    while engine.has_work:
+        engine.step()
+    mixed = fused.engine.models[PRM]
+    route = torch.tensor([0, 1] * len(seqs))
+    inter = [s for s in seqs for _ in (0, 1)]
+    length = max(len(s) for s in inter)
+    ids = torch.full((len(inter), length), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(inter):
+        ids[i, length - len(s):] = torch.tensor(s)
+        mask[i, length - len(s):] = 1
+    with torch.no_grad():
+        out = mixed(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), route=route).logits[:, -1]
+    lp = torch.log_softmax(out.float(), -1)
+    assert torch.allclose(lp[0::2], policy_lp, atol=1e-4)
+    assert torch.allclose(lp[1::2], prm_lp, atol=1e-4)
+
+
+def test_fused_identity_prm_is_exactly_base(tiny_llama, tokenizer):
+    prm_api = pytest.importorskip("prefalign.prm")
+    if not hasattr(prm_api, "build_prm"):
+        pytest.skip("prefalign.prm has no build_prm yet")
+    from prefalign.pad_fused import FusedPadModel
+
+    al = Aligner(tiny_llama, tokenizer)
+    al.add_model(PRM, FusedPadModel(tiny_llama, prm_api.build_prm(tiny_llama)))
+    pad = al.generate(PROMPTS, preference="pad:helpful", method="pad", max_new_tokens=12, w=1.5)
+    base = al.generate(PROMPTS, preference="pad:helpful", method="pref", template="pad", max_new_tokens=12)
+    assert [r.token_ids for r in pad] == [r.token_ids for r in base]
+    assert pad[0].usage.forward_passes == len(pad[0].token_ids) + (pad[0].finish_reason == "stop")
+
+
+def test_fused_batch_invariance_and_other_methods_alongside(tiny_llama, tokenizer):
+    from prefalign.pad_fused import FusedPadModel
+
+    prm = _trained_looking_prm(tiny_llama)
+    al = Aligner(tiny_llama, tokenizer)
+    plain = [al.generate(PROMPTS[i], preference="concise", method="amulet", max_new_tokens=10)[0].token_ids for i in range(2)]
+    al.add_model(PRM, FusedPadModel(tiny_llama, prm))
+    alone = [al.generate(p, preference="pad:humor", method="pad", max_new_tokens=14)[0].token_ids for p in PROMPTS]
+    together = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=14)]
+    assert together == alone
+    requests = [
+        al.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=10),
+        al.build_request(PROMPTS[2], "pad:humor", "pad", max_new_tokens=14),
+        al.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=10),
+    ]
+    out = al.engine.generate(requests)
+    assert [out[0].token_ids, out[2].token_ids] == plain  # other methods unaffected by the PRM rows
+    assert out[1].token_ids == alone[2]
+
+
+def test_load_prm_from_a_directory_fused_and_two_pass(tiny_llama, tokenizer, tmp_path):
+    prm_api = pytest.importorskip("prefalign.prm")
+    if not all(hasattr(prm_api, n) for n in ("build_prm", "save_prm", "load_prm")):
+        pytest.skip("prefalign.prm has no build/save/load yet")
+    from prefalign.pad_fused import FusedPadModel
+
+    prm = _trained_looking_prm(tiny_llama)
+    path = prm_api.save_prm(prm, tmp_path / "prm", tokenizer, base_model_name="tiny-llama", preferences=["pad:humor"])
+    fused = Aligner(tiny_llama, tokenizer)
+    assert isinstance(fused.load_prm(path), FusedPadModel)
+    two = Aligner(tiny_llama, tokenizer)
+    assert not isinstance(two.load_prm(path, fused=False), FusedPadModel)
+    a = [r.token_ids for r in fused.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12)]
+    b = [r.token_ids for r in two.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12)]
+    assert a == b

@@ -79,19 +79,23 @@ class Aligner:
             aligner.load_prm(None if str(prm) == "default" else prm)
         if fast:
             aligner.fast_path = _apply_fast_path(lm, strict=fast is True)
-            if PRM in aligner.engine.models and aligner.engine.models[PRM] is not lm:
-                _apply_fast_path(aligner.engine.models[PRM], strict=False)
+            reward_model = aligner.engine.models.get(PRM)
+            if reward_model is not None and reward_model is not lm and not getattr(reward_model, "serves", None):
+                _apply_fast_path(reward_model, strict=False)
         return aligner
 
     def add_model(self, key: str, model: Any) -> None:
         """Make another model (e.g. a personalised reward model) available to methods."""
         self.engine.models[key] = model
 
-    def load_prm(self, path: Any = None) -> Any:
+    def load_prm(self, path: Any = None, *, fused: bool = True) -> Any:
         """Load a personalised reward model for method ``pad`` and add it as ``"prm"``.
 
         ``path``: a PRM directory (``prefalign train-prm`` writes one); None: the PRM
-        shipped for the embedded model (other policies need a path). Raises a
+        shipped for the embedded model (other policies need a path). ``fused`` (default)
+        runs the policy's and the PRM's rows in one forward per step (the PRM's LoRA
+        adapters applied to its rows only, :mod:`prefalign.pad_fused`); False runs the
+        PRM, adapters merged, as a second model (two forwards per step). Raises a
         :class:`PrefalignError` naming what to do when there is none, and
         ``TokenizerMismatchError`` when the PRM was trained for another tokenizer.
         """
@@ -122,8 +126,13 @@ class Aligner:
                     "or train one with `prefalign train-prm`",
                     field="prm",
                 ) from exc
-        reward_model = prm_api.load_prm(path, self.model, self.tokenizer)
-        if getattr(self.fast_path, "active", False) and reward_model is not self.model:
+        reward_model = prm_api.load_prm(path, self.model, self.tokenizer, merge=not fused)
+        if fused:
+            # One forward per step over the policy's and the PRM's rows (benchmarks/pad_speed.py).
+            from .pad_fused import FusedPadModel
+
+            reward_model = FusedPadModel(self.model, reward_model)
+        elif getattr(self.fast_path, "active", False):
             _apply_fast_path(reward_model, strict=False)
         self.add_model(PRM, reward_model)
         return reward_model

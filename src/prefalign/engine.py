@@ -310,20 +310,26 @@ class Engine:
         if not self._active:
             return deltas
         logprobs: dict[str, torch.Tensor] = {}
+        owner = self._pass_owners()
         for key, model in self.models.items():
+            if owner[key] != key:
+                continue  # another model computes this key's rows in its own pass
             parts = []
             state = self._states.get(key)
             if state is not None and state.rows:
                 parts.append(self._decode_forward(key, model, state))
-            new_rows = [(a, 0, k) for a in joining for k, (m, _) in enumerate(a.request.contexts) if m == key]
+            new_rows = [(a, 0, k) for a in joining for k, (m, _) in enumerate(a.request.contexts) if owner.get(m) == key]
             if new_rows:
                 parts.append(self._prefill(key, model, new_rows))
             if parts:
                 logprobs[key] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         self.steps += 1
         row_index = {key: {(id(a), t, k): i for i, (a, t, k) in enumerate(s.rows)} for key, s in self._states.items()}
+        for key, pass_key in owner.items():
+            if pass_key != key and pass_key in logprobs:
+                logprobs[key], row_index[key] = logprobs[pass_key], row_index[pass_key]
         for active in self._active.values():
-            active.usage.forward_passes += len({m for m, _ in active.request.contexts})
+            active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
         self._choose_tokens(logprobs, row_index, deltas)
         self._reorder_rows()
         return deltas
@@ -354,7 +360,25 @@ class Engine:
     def _device(self, key: str) -> torch.device:
         return next(self.models[key].parameters()).device
 
-    def _forward(self, model: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _pass_owners(self) -> dict[str, str]:
+        """Which model computes each key's rows: itself, or a model whose ``serves`` names it.
+
+        A model with a ``serves`` attribute (a tuple of keys, e.g. PAD's fused policy+PRM
+        module, :mod:`prefalign.pad_fused`) runs the rows of all those keys in one
+        forward, told each row's key by ``route`` (indices into ``serves``).
+        """
+        owner = {key: key for key in self.models}
+        for key, model in self.models.items():
+            for served in getattr(model, "serves", None) or ():
+                if served in owner and served != key:
+                    owner[served] = key
+        return owner
+
+    def _forward(self, model: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, rows: list[tuple[_Active, int, int]] | None = None) -> torch.Tensor:
+        extra = {}
+        serves = getattr(model, "serves", None)
+        if serves and rows is not None:
+            extra["route"] = torch.tensor([serves.index(a.request.contexts[k][0]) for a, _, k in rows], device=mask.device)
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -362,6 +386,7 @@ class Engine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **extra,
         )
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
@@ -379,7 +404,7 @@ class Engine:
             mask[i, length - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=getattr(model, "config", None))
-        logprobs = self._forward(model, ids, mask, positions, cache)
+        logprobs = self._forward(model, ids, mask, positions, cache, rows)
         self._merge(key, cache, mask, rows)
         return logprobs
 
@@ -387,7 +412,7 @@ class Engine:
         assert state.mask is not None and state.next_tokens is not None
         positions = state.mask.sum(-1, keepdim=True)
         state.mask = F.pad(state.mask, (0, 1), value=1)
-        logprobs = self._forward(model, state.next_tokens[:, None], state.mask, positions, state.cache)
+        logprobs = self._forward(model, state.next_tokens[:, None], state.mask, positions, state.cache, state.rows)
         _check_cache_length(state.cache, state.mask.shape[1])
         return logprobs
 
@@ -559,6 +584,7 @@ class Engine:
         """Remove finished requests' rows and follow beam reordering, in every model's cache."""
         for rid in [rid for rid, a in self._active.items() if a.finish_reason is not None]:
             del self._active[rid]
+        owner = self._pass_owners()
         for key, state in list(self._states.items()):
             if not state.rows:
                 continue
@@ -567,7 +593,7 @@ class Engine:
             rows: list[tuple[_Active, int, int]] = []
             tokens: list[int] = []
             for active in self._active.values():
-                contexts = [k for k, (m, _) in enumerate(active.request.contexts) if m == key]
+                contexts = [k for k, (m, _) in enumerate(active.request.contexts) if owner.get(m, m) == key]
                 for t, track in enumerate(active.tracks):
                     parent = t if track.parent is None else track.parent
                     for k in contexts:

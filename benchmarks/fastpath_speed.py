@@ -214,7 +214,7 @@ def main() -> None:
 
     from prefalign.models import load_model
 
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 132))
     torch.set_num_threads(1)
     base, tokenizer = load_model()
     base.eval()

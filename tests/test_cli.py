@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory, tiny_llama, tokenizer):
 
 
 def test_generate_json_matches_the_api(model_dir, tiny_llama, tokenizer):
-    result = runner.invoke(app, ["generate", "Hi there", "-p", "concise", "--method", "amulet", "-n", "8", "--json", "--model", model_dir, "--no-fast"])
+    result = runner.invoke(app, ["generate", "Hi there", "-p", "concise", "--method", "amulet", "-n", "8", "--json", "--model", model_dir, "--fast", "off"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     expected = Aligner(tiny_llama, tokenizer).generate("Hi there", preference="concise", method="amulet", max_new_tokens=8)[0]
@@ -34,7 +34,7 @@ def test_generate_json_matches_the_api(model_dir, tiny_llama, tokenizer):
 
 def test_generate_params_and_composition(model_dir):
     result = runner.invoke(app, ["generate", "Hi", "-p", "concise", "-p", "formal", "--weight", "2", "--weight", "1",
-                                 "--method", "la", "-P", "ratio=1.5", "-n", "4", "--json", "--model", model_dir, "--no-fast"])
+                                 "--method", "la", "-P", "ratio=1.5", "-n", "4", "--json", "--model", model_dir, "--fast", "off"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["params"]["ratio"] == 1.5
 
@@ -50,7 +50,7 @@ def test_generate_params_and_composition(model_dir):
     ],
 )
 def test_bad_input_exits_2_with_a_message(model_dir, args, message):
-    result = runner.invoke(app, ["generate", "Hi", *args, "--model", model_dir, "--no-fast"])
+    result = runner.invoke(app, ["generate", "Hi", *args, "--model", model_dir, "--fast", "off"])
     assert result.exit_code == 2
     assert message in result.output
 
@@ -65,7 +65,7 @@ def test_methods_lists_parameters():
 
 def test_chat_switches_preference_and_method(model_dir):
     script = "/pref concise\n/method la\n/param ratio=1\nHello\n/method nope\n/quit\n"
-    result = runner.invoke(app, ["chat", "--model", model_dir, "--no-fast", "-n", "4"], input=script)
+    result = runner.invoke(app, ["chat", "--model", model_dir, "--fast", "off", "-n", "4"], input=script)
     assert result.exit_code == 0, result.output
     assert "method: la" in result.output
     assert "unknown method" in result.output

@@ -6,6 +6,12 @@ batched and KV-cached, from Python, the command line or an OpenAI-compatible ser
 
 from __future__ import annotations
 
+import os
+
+# OpenMP worker threads that busy-wait collapse (10-50x slower) when another process
+# shares the CPU; passive waiting avoids it. Only effective before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .aligner import Aligner, StreamEvent
 from .engine import Delta, Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
 from .errors import PrefalignError

@@ -51,15 +51,23 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(model: Optional[str], fast: bool, threads: Optional[int]):
+def _load(model: Optional[str], fast: str, threads: Optional[int]):
     from .aligner import Aligner
 
-    with err_console.status(f"loading {model or 'the embedded model'}…"):
-        return Aligner.from_pretrained(model, fast="auto" if fast else False, threads=threads)
+    try:
+        if fast not in ("auto", "bf16", "off"):
+            raise PrefalignError(f"--fast must be auto, bf16 or off, got {fast!r}", field="fast")
+        with err_console.status(f"loading {model or 'the embedded model'}…"):
+            return Aligner.from_pretrained(model, fast=False if fast == "off" else fast, threads=threads)
+    except PrefalignError as exc:
+        _fail(exc)
 
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M).")
-FastOpt = typer.Option(True, "--fast/--no-fast", help="CPU fast path (oneDNN prepacked weights; greedy tokens unchanged).")
+FastOpt = typer.Option(
+    "auto", "--fast",
+    help="CPU fast path: auto (prepacked fp32 oneDNN weights, greedy tokens unchanged), bf16 (faster, may change tokens at near-ties), off.",
+)
 ThreadsOpt = typer.Option(None, "--threads", help="torch intra-op threads (1 is robust on a shared CPU).")
 
 
@@ -83,7 +91,7 @@ def generate(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with text, tokens, finish reason, usage."),
     model: Optional[str] = ModelOpt,
-    fast: bool = FastOpt,
+    fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Answer one prompt under a preference."""
@@ -129,7 +137,7 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     model: Optional[str] = ModelOpt,
-    fast: bool = FastOpt,
+    fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Interactive chat; /pref TEXT, /method NAME, /param k=v, /reset, /help, /quit."""
@@ -221,7 +229,7 @@ def demo(
     limit: int = typer.Option(3, "--prompts", help="How many prompts."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
     model: Optional[str] = ModelOpt,
-    fast: bool = FastOpt,
+    fast: str = FastOpt,
     threads: Optional[int] = typer.Option(1, "--threads"),
 ) -> None:
     """Answer a few prompts under contrasting preferences with several methods, side by side."""

@@ -245,3 +245,38 @@ def test_engine_rejects_unknown_model_key(tokenizer, tiny_llama):
     request.contexts[0] = ("prm", request.contexts[0][1])
     with pytest.raises(PrefalignError, match="prm"):
         engine.add(request)
+
+
+def test_a_request_whose_scores_are_unusable_fails_alone(aligner):
+    from dataclasses import dataclass
+
+    from prefalign.methods import Method
+    from prefalign.methods.method import ContextRole
+
+    @dataclass(frozen=True)
+    class RulesEverythingOut(Method):
+        name = "nothing"
+        summary = "test: every score NaN"
+        needs_preference = False
+
+        def roles(self, n):
+            return [ContextRole(None)]
+
+        def combine(self, logprobs, weights):
+            return torch.full_like(logprobs[:, 0], float("nan"))
+
+    good = aligner.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=5, ignore_eos=True)
+    bad = aligner.build_request(PROMPTS[1], None, RulesEverythingOut(), max_new_tokens=5)
+    results = aligner.engine.generate([good, bad])
+    assert results[1].finish_reason == "error" and results[1].token_ids == []
+    assert results[0].token_ids == aligner.generate(PROMPTS[0], preference="concise", method="amulet", max_new_tokens=5, ignore_eos=True)[0].token_ids
+
+
+def test_tiny_temperature_is_greedy_and_reset_clears(aligner):
+    greedy = aligner.generate(PROMPTS[1], method="base", max_new_tokens=6)[0].token_ids
+    assert aligner.generate(PROMPTS[1], method="base", max_new_tokens=6, temperature=1e-30, seed=1)[0].token_ids == greedy
+    aligner.engine.add(aligner.build_request(PROMPTS[0], None, "base", max_new_tokens=6))
+    aligner.engine.step()
+    aligner.engine.reset()
+    assert not aligner.engine.has_work and aligner.engine.num_active == 0
+    assert aligner.generate(PROMPTS[1], method="base", max_new_tokens=6)[0].token_ids == greedy

@@ -68,7 +68,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5, scores / T overflow to inf and sampling is argmax anyway.
+        return self.temperature < 1e-5
 
 
 @dataclass
@@ -122,7 +123,11 @@ class Delta:
 
 @dataclass
 class GenerationResult:
-    """A finished answer."""
+    """A finished answer.
+
+    ``finish_reason``: ``"stop"`` (EOS or a stop string), ``"length"`` (``max_new_tokens``)
+    or ``"error"`` (the method ruled out every token, e.g. all scores −inf/NaN).
+    """
 
     request_id: str
     text: str
@@ -235,7 +240,7 @@ class Engine:
 
     def add(self, request: GenerationRequest) -> str:
         """Queue a request; it joins the running batch at the next :meth:`step`."""
-        self._validate(request)
+        self.validate(request)
         self._pending.append(request)
         return request.request_id
 
@@ -257,7 +262,13 @@ class Engine:
         """The finished result of a request (once), or None if not finished."""
         return self._results.pop(request_id, None)
 
-    def _validate(self, request: GenerationRequest) -> None:
+    def reset(self) -> None:
+        """Forget every queued, running and finished request (e.g. after a failed step)."""
+        self._pending, self._active, self._states = [], {}, {}
+        self._results, self._cancelled = {}, set()
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise :class:`PrefalignError` if the engine cannot run ``request`` as given."""
         roles = request.method.roles(len(request.weights))
         if len(roles) != len(request.contexts):
             raise PrefalignError(f"method {request.method.name!r} needs {len(roles)} contexts, got {len(request.contexts)}")
@@ -452,6 +463,14 @@ class Engine:
                 blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
             stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
             scores = method.combine(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
+            # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
+            scores = scores.masked_fill(scores.isnan(), _NEG_INF)
+            usable = torch.isfinite(scores).any(dim=-1).tolist()
+            if not all(usable):
+                members = self._fail_unusable(members, usable, deltas)
+                if not members:
+                    continue
+                scores = scores[torch.tensor(usable)]
             offset = 0
             if method.beam_width == 1 and all(a.request.sampling.greedy for a in members):
                 chosen = scores.argmax(dim=-1).tolist()
@@ -467,6 +486,20 @@ class Engine:
                     self._beam_update(a, block, method, deltas)
                 else:
                     self._advance(a, 0, self._sample(a, block[0]), deltas)
+
+    def _fail_unusable(self, members: list[_Active], usable: list[bool], deltas: list[Delta]) -> list[_Active]:
+        """Finish (reason "error") the requests with a track whose scores are all −inf/NaN."""
+        keep, offset = [], 0
+        for active in members:
+            n = len(active.tracks)
+            if all(usable[offset:offset + n]):
+                keep.append(active)
+            else:
+                self._finish(active, "error", deltas, active.tracks[0], new_tokens=[])
+                for i in range(offset, offset + n):
+                    usable[i] = False
+            offset += n
+        return keep
 
     def _sample(self, active: _Active, scores: torch.Tensor) -> int:
         params = active.request.sampling

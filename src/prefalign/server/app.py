@@ -263,7 +263,7 @@ class _Translator:
                 request.max_new_tokens = max(1, min(config.max_tokens_cap, room, default_max_tokens or room))
             # Engine.add validates what build_request does not (weights > 0, beam with
             # sampling); checking here gives the client a 400 instead of a failed job.
-            self.aligner.engine._validate(request)
+            self.aligner.engine.validate(request)
         except APIError:
             raise
         except UnknownNameError as exc:

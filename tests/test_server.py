@@ -265,7 +265,7 @@ BAD_BODIES = [
     ("context overflow", {"messages": [{"role": "user", "content": "word " * 1900}], "max_tokens": 500}, 400, "max_tokens"),
     ("method parameter range", {"alignment": {"method": "amulet", "alpha": -1}, "preference": "concise"}, 400, "alignment.alpha"),
     ("method parameter type", {"alignment": {"method": "amulet", "alpha": "big"}, "preference": "concise"}, 400, "alignment.alpha"),
-    ("non-finite scores", {"alignment": {"method": "amulet", "alpha": 1e300}, "preference": "concise"}, 400, "alignment"),
+    ("parameter too large", {"alignment": {"method": "amulet", "alpha": 1e300}, "preference": "concise"}, 400, "alignment.alpha"),
     ("cost limit", {"alignment": {"method": "beam", "width": 64}, "preference": "concise"}, 400, "alignment.width"),
     ("negative weight", {"preference": [{"text": "Be brief.", "weight": -1}]}, 400, "preference"),
     ("beam with sampling", {"alignment": {"method": "beam", "width": 2}, "preference": "concise", "temperature": 0.5}, 400, "temperature"),

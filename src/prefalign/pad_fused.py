@@ -33,6 +33,8 @@ from .errors import PrefalignError
 from .methods import POLICY, PRM
 
 ADAPTER = "default"
+#: Projections that read the same input in the usual decoder blocks.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
 
 
 class FusedPadModel(nn.Module):
@@ -48,7 +50,7 @@ class FusedPadModel(nn.Module):
         self.config = policy.config
         self.prm_linear = prm.linear.weight.detach()
         prefix = getattr(policy, "base_model_prefix", "model")
-        self._lora: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, Aᵀ, (B·scaling)ᵀ)
+        entries = []
         for name, layer in prm.lora_layers():
             if getattr(layer, "use_dora", {}).get(ADAPTER) or getattr(layer, "lora_bias", {}).get(ADAPTER):
                 raise PrefalignError("fused PAD supports plain LoRA adapters (no DoRA, no LoRA bias)", field="prm")
@@ -57,20 +59,50 @@ class FusedPadModel(nn.Module):
                 policy.get_submodule(target)
             except AttributeError as exc:
                 raise PrefalignError(f"the policy has no module {target!r} matching the PRM's adapter", field="prm") from exc
-            at = layer.lora_A[ADAPTER].weight.detach().t().contiguous()  # [in, r]
+            at = layer.lora_A[ADAPTER].weight.detach().t()  # [in, r]
             bt = (layer.lora_B[ADAPTER].weight.detach() * float(layer.scaling[ADAPTER])).t().contiguous()  # [r, out]
-            self._lora.append((target, at, bt))
+            entries.append((target, at, bt))
+        # Siblings that usually read the same input (q/k/v, gate/up) share one Aᵀ product:
+        # the first one called computes x·[A_q A_k A_v]ᵀ, the others take their columns if
+        # they are called with the very same input tensor (else they compute their own).
+        by_group: dict[tuple[str, str], list[int]] = {}
+        for i, (target, at, _) in enumerate(entries):
+            parent, _, child = target.rpartition(".")
+            group = next((g for g in SIBLINGS if child in g), None)
+            key = (parent, "/".join(group)) if group else (target, "")
+            by_group.setdefault(key, []).append(i)
+        #: (module name, group, column slice of the group's Aᵀ, (B·scaling)ᵀ)
+        self._lora: list[tuple[str, dict[str, Any], slice, torch.Tensor]] = []
+        for members in by_group.values():
+            ats = [entries[i][1] for i in members]
+            if len({a.shape[0] for a in ats}) != 1:  # not one input size: keep them apart
+                groups = [[i] for i in members]
+            else:
+                groups = [members]
+            for grp in groups:
+                shared = {"at": torch.cat([entries[i][1] for i in grp], dim=1).contiguous(), "x": None, "version": -1, "low": None}
+                start = 0
+                for i in grp:
+                    r = entries[i][1].shape[1]
+                    self._lora.append((entries[i][0], shared, slice(start, start + r), entries[i][2]))
+                    start += r
 
     @staticmethod
-    def _add_lora(a: torch.Tensor, bt: torch.Tensor, masks: dict, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    def _add_lora(shared: dict[str, Any], cols: slice, bt: torch.Tensor, masks: dict, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         # out + (x Aᵀ ⊙ m) (B·s)ᵀ: the PRM rows get their LoRA update, the policy rows
-        # (m = 0) get exactly + 0. Three small kernels per layer, whatever the row order.
+        # (m = 0) get exactly + 0. A few small kernels per layer, whatever the row order.
         x = args[0]
-        flat = x.reshape(-1, x.shape[-1])
-        mask = masks.get(flat.shape[0])
-        if mask is None:
-            mask = masks[flat.shape[0]] = masks["rows"][:, None].expand(x.shape[0], flat.shape[0] // x.shape[0]).reshape(-1, 1)
-        low = torch.mm(flat, a).mul_(mask)
+        version = -1 if x.is_inference() else x._version  # inference tensors: identity only
+        if shared["x"] is x and shared["version"] == version:
+            low = shared["low"][:, cols]
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            mask = masks.get(flat.shape[0])
+            if mask is None:
+                mask = masks[flat.shape[0]] = masks["rows"][:, None].expand(x.shape[0], flat.shape[0] // x.shape[0]).reshape(-1, 1)
+            full = torch.mm(flat, shared["at"]).mul_(mask)
+            shared["x"], shared["version"], shared["low"] = x, version, full
+            low = full[:, cols]
         return torch.addmm(out.reshape(-1, out.shape[-1]), low, bt).view(out.shape)
 
     def _linear_pre_head(self, rows: torch.Tensor, called: list, module: nn.Module, args: tuple) -> tuple:
@@ -86,8 +118,8 @@ class FusedPadModel(nn.Module):
         handles = []
         try:
             masks: dict = {"rows": (route == 1).to(self.prm_linear.dtype)}
-            for target, at, bt in self._lora:
-                hook = functools.partial(self._add_lora, at, bt, masks)
+            for target, shared, cols, bt in self._lora:
+                hook = functools.partial(self._add_lora, shared, cols, bt, masks)
                 handles.append(self.policy.get_submodule(target).register_forward_hook(hook))
             head = self.policy.get_output_embeddings()  # looked up per call: the fast path may replace it
             called: list = []
@@ -101,6 +133,8 @@ class FusedPadModel(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+            for _, shared, _, _ in self._lora:
+                shared["x"] = shared["low"] = None  # drop the references to this call's activations
 
 
 def fuse_pad(policy: nn.Module, prm: Any) -> FusedPadModel:

@@ -43,6 +43,14 @@ spans 0–1.5. prefalign defaults to 0.8, the value most of the paper's runs use
 
 A PRM equal to the policy gives ``r = 0`` exactly, and PAD then decodes the same
 tokens as method ``pref`` with template ``pad`` (greedy), which the tests check.
+
+**Execution.** The method only names its contexts and combines log-probs; the engine
+runs the models. ``Aligner.load_prm`` registers the PRM by default as a
+:class:`~prefalign.pad_fused.FusedPadModel`: one forward per step computes the policy's
+and the PRM's rows together (the PRM's adapters touch its rows only), instead of two
+forwards of separate weights (``load_prm(..., fused=False)``); see
+``benchmarks/pad_speed.py``. Any causal LM with the policy's tokenizer also works as a
+PRM under the ``"prm"`` key (``Aligner.add_model``).
 """
 
 from __future__ import annotations

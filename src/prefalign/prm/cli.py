@@ -90,6 +90,7 @@ def train_prm(
     linear_lr_scale: Annotated[float, typer.Option(help="the Linear(d, d) layer's learning rate is lr × this")] = 0.1,
     epochs: Annotated[float, typer.Option(help="passes over the training pairs (fractions allowed)")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="pairs per optimiser step")] = 4,
+    group_by_prompt: Annotated[bool, typer.Option("--group-by-prompt/--no-group-by-prompt", help="keep all pairs of a prompt in one step (mirrored pairs cancel out what does not depend on the preference)")] = True,
     micro_batch: Annotated[int, typer.Option(help="pairs per forward pass")] = 1,
     lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha")] = 16,
@@ -112,7 +113,7 @@ def train_prm(
 
     torch.set_num_threads(threads)
     config = TrainConfig(
-        data=data, output=output, model=model, beta=beta, lr=lr, linear_lr_scale=linear_lr_scale, epochs=epochs, batch_size=batch_size,
+        data=data, output=output, model=model, beta=beta, lr=lr, linear_lr_scale=linear_lr_scale, epochs=epochs, batch_size=batch_size, group_by_prompt=group_by_prompt,
         micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, lora_top_layers=lora_top_layers or None, held_out=held_out,
         max_prompt_tokens=max_prompt_tokens, max_answer_tokens=max_answer_tokens, bf16=bf16,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,

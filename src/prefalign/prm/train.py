@@ -72,6 +72,8 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: list[str] | None = None
+    #: Put all pairs of a prompt in one optimiser step (see ``_plan``).
+    group_by_prompt: bool = True
     #: Adapt only the top N decoder blocks (None = all): training cost falls roughly
     #: in proportion, since lower blocks need no backward pass.
     lora_top_layers: int | None = None
@@ -324,16 +326,43 @@ def _order(n: int, epoch: int, seed: int) -> list[int]:
     return idx
 
 
-def _batches(n_train: int, batch_size: int, total_steps: int, seed: int) -> Iterator[list[int]]:
-    """Training-set indices for each optimiser step: epochs of seeded permutations."""
-    stream: list[int] = []
-    epoch = 0
-    for _ in range(total_steps):
-        while len(stream) < batch_size:
-            stream.extend(_order(n_train, epoch, seed))
-            epoch += 1
-        yield stream[:batch_size]
-        stream = stream[batch_size:]
+def _plan(train_set: Sequence[PairExample], batch_size: int, epochs: float, seed: int, group_by_prompt: bool) -> list[list[int]]:
+    """Training-set indices of every optimiser step, epoch after epoch (deterministic).
+
+    ``group_by_prompt``: a step holds whole prompt groups (packed up to ``batch_size``
+    pairs; a larger group is a step of its own). A prompt's pairs for opposite
+    preferences are mirror images (concise's chosen is verbose's rejected); in one step
+    their preference-independent gradients cancel and only what depends on the
+    preference text remains. Without it, steps are seeded random chunks.
+    """
+    n_epochs = max(1, math.ceil(epochs))
+    per_epoch: list[list[list[int]]] = []
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(train_set):
+        groups.setdefault(e.group, []).append(i)
+    for epoch in range(n_epochs):
+        steps: list[list[int]] = []
+        if group_by_prompt:
+            keys = sorted(groups)
+            random.Random(seed * 1_000_003 + epoch).shuffle(keys)
+            batch: list[int] = []
+            for key in keys:
+                members = groups[key]
+                if batch and len(batch) + len(members) > batch_size:
+                    steps.append(batch)
+                    batch = []
+                batch = batch + members
+            if batch:
+                steps.append(batch)
+        else:
+            order = _order(len(train_set), epoch, seed)
+            steps = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        per_epoch.append(steps)
+    whole = int(epochs)
+    plan = [s for steps in per_epoch[:whole] for s in steps]
+    if epochs > whole:
+        plan += per_epoch[whole][: max(1, round((epochs - whole) * len(per_epoch[whole])))]
+    return plan or per_epoch[0][:1]
 
 
 class _Interrupt:
@@ -411,8 +440,9 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
         ],
         weight_decay=config.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = max(1, math.ceil(config.epochs * len(train_set) / config.batch_size))
+    plan = _plan(train_set, config.batch_size, config.epochs, config.seed, config.group_by_prompt)
+    steps_per_epoch = len(_plan(train_set, config.batch_size, 1, config.seed, config.group_by_prompt))
+    total_steps = len(plan)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, min(10, total_steps // 10))
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10 %
@@ -515,10 +545,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
             budget_hit = False
             stopped = False
             steps_this_call = 0
-            batches = _batches(len(train_set), config.batch_size, total_steps, config.seed)
-            for _ in range(step):  # skip what a resumed run already did
-                next(batches)
-            for indices in batches:
+            for indices in plan[step:]:  # a resumed run skips what it already did
                 if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
                     budget_hit = True
                     break
@@ -569,7 +596,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
             print(f"\ninterrupted at step {step}; {where}; rerun with --resume", file=sys.stderr)
             return report
 
-    report["steps"] = {"done": step, "total": total_steps, "per_epoch": steps_per_epoch, "epochs_done": round(step * config.batch_size / len(train_set), 3)}
+    report["steps"] = {"done": step, "total": total_steps, "per_epoch": steps_per_epoch, "epochs_done": round(sum(len(b) for b in plan[:step]) / len(train_set), 3)}
     if stopped:
         report.update(status="stopped", checkpoint=str(ckpt_file))
         return report
@@ -586,7 +613,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
         hyperparameters={
             k: v
             for k, v in asdict(config).items()
-            if k in ("beta", "lr", "linear_lr_scale", "lora_top_layers", "epochs", "batch_size", "micro_batch", "lora_r", "lora_alpha", "held_out",
+            if k in ("beta", "lr", "linear_lr_scale", "lora_top_layers", "group_by_prompt", "epochs", "batch_size", "micro_batch", "lora_r", "lora_alpha", "held_out",
                      "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay", "max_grad_norm")
         },
         warmup_steps=warmup,

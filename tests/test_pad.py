@@ -422,3 +422,30 @@ def test_load_prm_from_a_directory_fused_and_two_pass(tiny_llama, tokenizer, tmp
     a = [r.token_ids for r in fused.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12)]
     b = [r.token_ids for r in two.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12)]
     assert a == b
+
+
+def test_fused_model_added_while_requests_run(tiny_llama, tokenizer):
+    """A PRM loaded while other requests decode (e.g. the server's first PAD request)."""
+    from prefalign.pad_fused import FusedPadModel
+
+    prm = _trained_looking_prm(tiny_llama)
+    reference = Aligner(tiny_llama, tokenizer)
+    reference.add_model(PRM, FusedPadModel(tiny_llama, prm))
+    expected_pad = reference.generate(PROMPTS[1], preference="pad:humor", method="pad", max_new_tokens=10, ignore_eos=True)[0].token_ids
+    al = Aligner(tiny_llama, tokenizer)
+    expected_amulet = al.generate(PROMPTS[0], preference="concise", method="amulet", max_new_tokens=12, ignore_eos=True)[0].token_ids
+    engine = al.engine
+    running = al.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=12, ignore_eos=True)
+    engine.add(running)
+    engine.step()
+    engine.step()
+    al.add_model(PRM, FusedPadModel(tiny_llama, prm))
+    late = al.build_request(PROMPTS[1], "pad:humor", "pad", max_new_tokens=10, ignore_eos=True)
+    engine.add(late)
+    while engine.has_work:
+        engine.step()
+    assert engine.pop_result(running.request_id).token_ids == expected_amulet
+    assert engine.pop_result(late.request_id).token_ids == expected_pad
+    # Once the policy's own rows are gone, the next PAD request runs in one pass.
+    out = al.generate(PROMPTS[1], preference="pad:humor", method="pad", max_new_tokens=4, ignore_eos=True)[0]
+    assert out.usage.forward_passes == 4 and out.token_ids == expected_pad[:4]

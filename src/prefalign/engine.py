@@ -321,8 +321,9 @@ class Engine:
         if not self._active:
             return deltas
         logprobs: dict[str, torch.Tensor] = {}
-        owner = self._pass_owners()
-        for key, model in self.models.items():
+        models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
+        owner = self._pass_owners(models)
+        for key, model in models.items():
             if owner[key] != key:
                 continue  # another model computes this key's rows in its own pass
             parts = []
@@ -371,17 +372,21 @@ class Engine:
     def _device(self, key: str) -> torch.device:
         return next(self.models[key].parameters()).device
 
-    def _pass_owners(self) -> dict[str, str]:
+    def _pass_owners(self, models: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Which model computes each key's rows: itself, or a model whose ``serves`` names it.
 
         A model with a ``serves`` attribute (a tuple of keys, e.g. PAD's fused policy+PRM
         module, :mod:`prefalign.pad_fused`) runs the rows of all those keys in one
-        forward, told each row's key by ``route`` (indices into ``serves``).
+        forward, told each row's key by ``route`` (indices into ``serves``). It takes
+        over a key only while that key has no running rows of its own, so a model
+        added while requests run never splits a key's rows across two caches.
         """
-        owner = {key: key for key in self.models}
-        for key, model in self.models.items():
+        models = dict(self.models) if models is None else models
+        owner = {key: key for key in models}
+        for key, model in models.items():
             for served in getattr(model, "serves", None) or ():
-                if served in owner and served != key:
+                own = self._states.get(served)
+                if served in owner and served != key and (own is None or not own.rows):
                     owner[served] = key
         return owner
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -167,14 +168,22 @@ def test_resume_after_interrupt(tmp_path, data_files, tiny_llama, tokenizer):
 def test_growing_the_grid_reuses_rows(tmp_path, data_files, tiny_llama, tokenizer):
     al = Aligner(tiny_llama, tokenizer)
     run_eval(_config(data_files, methods=["base"], sweeps=[], limit=1), tmp_path, aligner=al, progress=False, report=False)
+    first = {key_of(r) for r in read_results(tmp_path)}
     summary = run_eval(_config(data_files, methods=["base", "pref"], sweeps=[], limit=2), tmp_path, aligner=al,
                        progress=False, report=False)
     # limit 1 ⊂ limit 2 (nested subsample): the 2 prompts × 2 preferences of base from the first run are reused
     assert summary.rows_skipped == 4 and summary.rows_written == 12
+    new = [r for r in read_results(tmp_path) if key_of(r) not in first]
+    # ... and not decoded again: the batches that ran hold exactly the new answers
+    batches = {r["batch"]["id"]: r["batch"]["size"] for r in new}
+    assert sum(batches.values()) == len({r["generation"] for r in new}) == 2 + 8
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'prefalign[ray]')")
+@pytest.mark.skipif(bool(os.environ.get("PREFALIGN_SKIP_RAY")), reason="PREFALIGN_SKIP_RAY is set")
 def test_ray_backend_matches_local(tmp_path, data_files, tiny_dir):
+    # Costly (~20 s to start Ray, then two actor processes importing torch): set
+    # PREFALIGN_SKIP_RAY=1 to skip it on a busy machine.
     cfg = dict(model=tiny_dir, methods=["base", "amulet"], sweeps=[], preferences=["concise"])
     run_eval(_config(data_files, **cfg), tmp_path / "local", progress=False, report=False)
     summary = run_eval(_config(data_files, backend="ray", ray_workers=2, **cfg), tmp_path / "ray", progress=False, report=False)

@@ -17,7 +17,10 @@ that finished only in part is decoded again *whole* and only its missing rows ar
 written: batch composition changes floating-point rounding (padding, matmul shapes),
 which can flip a greedy token on a near-tie, so decoding every row in the batch it was
 planned in makes an interrupted-and-resumed run write exactly the rows of an
-uninterrupted one. An interrupted run thus loses at most the batch in flight.
+uninterrupted one. An interrupted run thus loses at most the batch in flight. When the
+grid grows (a larger ``--limit``, more preferences), answers from the earlier, smaller
+plan are kept and their generations are dropped from the new plan's batches, so growing
+a run never decodes an answer twice.
 
 Backends: ``local`` decodes in this process; ``ray`` ships batches to Ray actors (one
 model per actor) and writes their rows here, in the same format.
@@ -233,8 +236,8 @@ class EvalConfig:
             "temperature": 0.0,
         }
 
-    def command(self) -> str:
-        """The ``prefalign eval`` command line that reproduces this configuration."""
+    def command(self, out: str | Path | None = None) -> str:
+        """The ``prefalign eval`` command line that reproduces this configuration (into ``out``)."""
         args = ["prefalign", "eval"]
         for d in self.datasets:
             args += ["--dataset", str(d)]
@@ -261,6 +264,8 @@ class EvalConfig:
             args += ["--backend", self.backend]
         if self.judge_backend != "auto":
             args += ["--judge-backend", self.judge_backend]
+        if out is not None:
+            args += ["--out", str(out)]
         return shlex.join(args)
 
 
@@ -302,19 +307,56 @@ class Generation:
 
 @dataclass(frozen=True)
 class Batch:
-    """Generations of one method variant, decoded together."""
+    """Generations of one method variant, decoded together.
+
+    ``plan`` is the id of the batch as planned for the full grid; a batch reduced
+    because some of its generations were answered by an earlier, different plan keeps
+    the planned id there (see :func:`batches_to_run`).
+    """
 
     index: int
     variant: MethodVariant
     generations: tuple[Generation, ...]
+    plan: str | None = None
 
     @property
     def id(self) -> str:
         return hashlib.sha1("|".join(g.id for g in self.generations).encode()).hexdigest()[:12]
 
     @property
+    def plan_id(self) -> str:
+        return self.plan or self.id
+
+    @property
     def keys(self) -> list[str]:
         return [c.key for g in self.generations for c in g.cells]
+
+
+def batches_to_run(batches: Sequence[Batch], done: dict[str, str]) -> list[Batch]:
+    """The batches still to decode, given ``done``: row key → planned batch id of its row.
+
+    Generations whose rows all come from *another* plan (an earlier, smaller grid) are
+    dropped from their batch. What remains is decoded whole even if some of its rows
+    are done, when those rows come from this very batch (an interrupted run): then the
+    resumed run decodes every answer in the same batch as an uninterrupted one would.
+    """
+    out = []
+    for batch in batches:
+        own, todo = [], False
+        for gen in batch.generations:
+            plans = [done.get(c.key) for c in gen.cells]
+            if any(p is None for p in plans):
+                todo = True
+                own.append(gen)
+            elif any(p == batch.plan_id for p in plans):
+                own.append(gen)  # finished in this batch before an interruption: decode again
+        if not todo:
+            continue
+        if len(own) == len(batch.generations):
+            out.append(batch)
+        else:
+            out.append(Batch(batch.index, batch.variant, tuple(own), plan=batch.plan_id))
+    return out
 
 
 def row_key(dataset: str, prompt_id: str, preference: str, method: str, params: dict[str, Any]) -> str:
@@ -474,7 +516,7 @@ class BatchExecutor:
                 "guards": guards,
                 "generation": gen.id,
                 "shared": len(gen.cells) > 1,
-                "batch": {"id": batch.id, "size": len(batch.generations), "elapsed": elapsed},
+                "batch": {"id": batch.id, "plan": batch.plan_id, "size": len(batch.generations), "elapsed": elapsed},
                 "time": _now(),
             }
             if len(judges) > 1:
@@ -598,7 +640,7 @@ class RunSummary:
 class _ResultsWriter:
     """Appends rows to ``results.jsonl``, flushing each, and skips keys already there."""
 
-    def __init__(self, path: Path, done: set[str], progress: Any, on_row: Callable[[dict[str, Any]], None] | None) -> None:
+    def __init__(self, path: Path, done: dict[str, str], progress: Any, on_row: Callable[[dict[str, Any]], None] | None) -> None:
         self.path = path
         self.done = done
         self.progress = progress
@@ -614,7 +656,7 @@ class _ResultsWriter:
             self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.handle.flush()
             os.fsync(self.handle.fileno())
-            self.done.add(key)
+            self.done[key] = row["batch"]["plan"]
             self.written += 1
             if self.progress is not None:
                 self.progress.update(1)
@@ -675,7 +717,11 @@ def run_eval(
         saved = _load_config(config_path)
         settings = config.generation_settings()
         if aligner is not None:
-            settings["model"] = _model_name(aligner)
+            from ..models import EMBEDDED_DISPLAY_NAME
+
+            # Same label as the CLI's default, so API and CLI runs can share a directory.
+            name = _model_name(aligner)
+            settings["model"] = "embedded" if name == EMBEDDED_DISPLAY_NAME else name
         if saved.get("settings") and saved["settings"] != settings:
             diff = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
             raise PrefalignError(
@@ -685,14 +731,16 @@ def run_eval(
             )
         results_path = out_dir / RESULTS_FILE
         _repair_tail(results_path)
-        done = {key_of(r) for r in read_results(results_path)}
+        # key → the planned batch its row was decoded in (rows of older versions: their batch id)
+        done = {key_of(r): (r.get("batch") or {}).get("plan") or (r.get("batch") or {}).get("id") or ""
+                for r in read_results(results_path)}
         all_keys = [k for b in batches for k in b.keys]
         skipped = sum(1 for k in all_keys if k in done)
-        todo = [b for b in batches if any(k not in done for k in b.keys)]
+        todo = batches_to_run(batches, done)
         summary = RunSummary(out=out_dir, rows_total=len(all_keys), rows_skipped=skipped)
 
         run_record: dict[str, Any] = {
-            "command": config.command(),
+            "command": config.command(out),
             "argv": list(argv) if argv is not None else None,
             "config": dataclasses.asdict(config),
             "datasets": [{"name": d.name, "path": d.path, "field": d.field, "prompts": len(d), "total": d.total} for d in datasets],
@@ -711,12 +759,16 @@ def run_eval(
 
         bar = _progress_bar(len(all_keys), skipped, progress and bool(todo))
         writer = _ResultsWriter(results_path, done, bar, on_row)
+
+        def persist() -> None:  # called once the model is known, and at the end
+            _write_json(config_path, saved)
+
         try:
             if todo:
                 if config.backend == "ray":
-                    _run_ray(config, todo, writer, run_record)
+                    _run_ray(config, todo, writer, run_record, persist)
                 else:
-                    _run_local(config, todo, writer, run_record, aligner)
+                    _run_local(config, todo, writer, run_record, aligner, persist)
             run_record["status"] = "finished"
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -759,7 +811,8 @@ def _load_aligner(model: str | None, *, fast: bool | str, prm: str | None, threa
     return Aligner.from_pretrained(model, fast=fast, prm=prm, threads=threads)
 
 
-def _run_local(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWriter, record: dict[str, Any], aligner: Any) -> None:
+def _run_local(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWriter, record: dict[str, Any],
+               aligner: Any, persist: Callable[[], None]) -> None:
     if aligner is None:
         aligner = _load_aligner(config.model, fast=config.fast, prm=config.prm, threads=config.threads)
     elif config.threads is not None:
@@ -768,6 +821,7 @@ def _run_local(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWri
         torch.set_num_threads(config.threads)
     record["model"] = _model_name(aligner)
     record["fast_path"] = str(getattr(aligner, "fast_path", None))
+    persist()
     executor = BatchExecutor(aligner, max_new_tokens=config.max_new_tokens, template=config.template, judge_backend=config.judge_backend)
     for batch in batches:
         if writer.progress is not None:
@@ -811,7 +865,8 @@ def _import_ray() -> Any:
     return ray
 
 
-def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWriter, record: dict[str, Any]) -> None:
+def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWriter, record: dict[str, Any],
+             persist: Callable[[], None]) -> None:
     """Shard batches over Ray actors; rows come back per batch and are written here."""
     ray = _import_ray()
     started_here = False
@@ -834,9 +889,15 @@ def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWrite
             actor_cls.remote(config.model, config.fast, config.prm, config.threads, config.max_new_tokens, config.template, config.judge_backend)
             for _ in range(n_workers)
         ]
+        try:
+            info = ray.get([a.describe.remote() for a in actors])
+        except Exception as exc:  # an actor's __init__ failed (bad model path, missing PRM, ...)
+            cause = getattr(exc, "cause", None) or exc
+            raise PrefalignError(f"Ray workers could not start: {cause}", field="model") from exc
         record["ray"] = {"address": config.ray_address or "local", "workers": n_workers, "cluster_cpus": cpus,
-                         "workers_info": ray.get([a.describe.remote() for a in actors])}
+                         "workers_info": info}
         record["model"] = record["ray"]["workers_info"][0]["model"]
+        persist()
         queue = deque(batches)
         pending: dict[Any, Any] = {}
 

@@ -20,6 +20,7 @@ reference) are left out of mean scores and win rates, counted, and listed.
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -133,6 +134,7 @@ class Analysis:
     scores_by_dataset: dict[tuple[str, str, str], ScoreCell]  # (dataset, preference, variant)
     wins: dict[str, dict[tuple[str, str], WinRate]]  # reference -> (preference, variant) -> WinRate
     wins_all: dict[str, dict[str, WinRate]]  # reference -> variant -> pooled WinRate
+    wins_all_raw: dict[str, dict[str, WinRate]]  # the same, collapsed answers included (judge only)
     fluency: dict[str, dict[str, float]]  # variant -> measure -> value
     fluency_by_pref: dict[tuple[str, str], dict[str, float]]
     speed: dict[str, dict[str, float]]
@@ -142,7 +144,8 @@ class Analysis:
 
 
 def _order(seen: Sequence[str], preferred: Sequence[str] = ()) -> list[str]:
-    out = [p for p in preferred if p in seen]
+    present = set(seen)
+    out = list(dict.fromkeys(p for p in preferred if p in present))  # several runs list the same names
     return out + [s for s in dict.fromkeys(seen) if s not in out]
 
 
@@ -188,14 +191,15 @@ def _score_cell(rows: Sequence[dict[str, Any]], seed: int) -> ScoreCell:
 
 
 def _win_rate(
-    rows: Sequence[dict[str, Any]], reference: dict[tuple[str, str, str], dict[str, Any]], seed: int
+    rows: Sequence[dict[str, Any]], reference: dict[tuple[str, str, str], dict[str, Any]], seed: int,
+    *, include_collapsed: bool = False,
 ) -> WinRate:
     outcomes, clusters, excluded = [], [], 0
     for r in rows:
         ref = reference.get((r["preference"], r["dataset"], r["prompt_id"]))
         if ref is None or r.get("score") is None or ref.get("score") is None:
             continue
-        if r["collapsed"] or ref["collapsed"]:
+        if not include_collapsed and (r["collapsed"] or ref["collapsed"]):
             excluded += 1
             continue
         outcomes.append(win_outcome(float(r["score"]), float(ref["score"]), int(r.get("direction", 1))))
@@ -283,6 +287,7 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
 
     wins: dict[str, dict[tuple[str, str], WinRate]] = {}
     wins_all: dict[str, dict[str, WinRate]] = {}
+    wins_all_raw: dict[str, dict[str, WinRate]] = {}
     for ref_name in REFERENCES:
         if ref_name not in variants:
             continue
@@ -294,6 +299,10 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
         wins_all[ref_name] = {
             v: _win_rate([r for r in rows if r["variant"] == v], reference, seed) for v in variants if v != ref_name
         }
+        wins_all_raw[ref_name] = {
+            v: _win_rate([r for r in rows if r["variant"] == v], reference, seed, include_collapsed=True)
+            for v in variants if v != ref_name
+        }
 
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -304,7 +313,8 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
     collapsed_rows = [r for r in rows if r["collapsed"]]
     return Analysis(
         rows=rows, config=config, preferences=preferences, variants=variants, datasets=datasets, judges=judges,
-        scores=scores, scores_by_dataset=scores_ds, wins=wins, wins_all=wins_all, fluency=fluency,
+        scores=scores, scores_by_dataset=scores_ds, wins=wins, wins_all=wins_all, wins_all_raw=wins_all_raw,
+        fluency=fluency,
         fluency_by_pref=fluency_by_pref, speed=speed, collapsed_rows=collapsed_rows, method_of=method_of,
         sweep_of=sweep_of,
     )
@@ -469,8 +479,9 @@ def summary_lines(a: Analysis) -> list[str]:
         for ref in REFERENCES:
             if ref == v or ref not in a.wins_all:
                 continue
-            w = a.wins_all[ref][v]
-            parts.append(f"vs `{ref}` {w.cell()} over {w.n} pairs: **{_verdict(w)}**")
+            w, raw = a.wins_all[ref][v], a.wins_all_raw[ref][v]
+            parts.append(f"vs `{ref}` {w.cell()} over {w.n} pairs: **{_verdict(w)}** "
+                         f"(all rows, collapsed included: {raw.cell()})")
         if not parts:
             continue
         f = a.fluency[v]
@@ -485,6 +496,15 @@ def summary_lines(a: Analysis) -> list[str]:
 def _missing(a: Analysis, p: str, v: str) -> int:
     # rows neither collapsed nor scored (a judge error): counted in the denominator
     return sum(1 for r in a.rows if r["preference"] == p and r["variant"] == v and not r["collapsed"] and r.get("score") is None)
+
+
+def _examples(a: Analysis, per_variant: int = 3) -> list[dict[str, Any]]:
+    """Collapsed answers to show: each distinct answer once, up to ``per_variant`` per method."""
+    out: list[dict[str, Any]] = []
+    for v in a.variants:
+        gens = _unique_generations([r for r in a.collapsed_rows if r["variant"] == v])
+        out.extend(gens[:per_variant])
+    return out
 
 
 def _snippet(text: str, n: int = 160) -> str:
@@ -515,7 +535,9 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
     elif planned and planned > len(a.rows) and len(runs) == 1:
         lines.append(f"- **Incomplete:** {len(a.rows)} of {planned} planned rows.")
     if runs:
-        lines += ["", "Commands (in order):", "", "```sh", *[r["command"] for r in runs if r.get("command")], "```"]
+        commands = [shlex.join(r["argv"]) if r.get("argv") else r.get("command") for r in runs]
+        lines += ["", "Commands (in order; each resumes the same directory):", "", "```sh",
+                  *dict.fromkeys(c for c in commands if c), "```"]
     summary = summary_lines(a)
     if summary:
         lines += [
@@ -584,9 +606,9 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
         *collapse_reason_table(a),
     ]
     if a.collapsed_rows:
-        lines += ["", "Examples:", ""]
-        examples = [[r["dataset"], str(r["prompt_id"]), r["preference"], r["variant"], r["collapse_reasons"],
-                     _snippet(r.get("text", ""))] for r in a.collapsed_rows[:12]]
+        lines += ["", "Examples (distinct answers, a few per method):", ""]
+        examples = [[r["dataset"], str(r["prompt_id"]), "(all: shared answer)" if r.get("shared") else r["preference"],
+                     r["variant"], r["collapse_reasons"], _snippet(r.get("text", ""))] for r in _examples(a)]
         lines += _table(["dataset", "id", "preference", "method", "why", "answer"], examples, "llllll")
     if len(a.datasets) > 1:
         lines += ["", "## By dataset", ""]

@@ -269,7 +269,8 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
     planned_variants = [v for run in runs for v in run.get("variants", [])]
     preferences = _order([r["preference"] for r in rows], planned_prefs)
     variants = _order([r["variant"] for r in rows], planned_variants)
-    datasets = _order([r["dataset"] for r in rows])
+    planned_datasets = [d["name"] for run in runs for d in run.get("datasets", [])]
+    datasets = _order([r["dataset"] for r in rows], planned_datasets)
     method_of = {r["variant"]: r["method"] for r in rows}
     sweep_of = {r["variant"]: r.get("sweep") or {} for r in rows}
     judges: dict[str, dict[str, Any]] = {}
@@ -424,6 +425,20 @@ def fluency_table(a: Analysis) -> list[str]:
     return _table(header, body)
 
 
+def length_table(a: Analysis) -> list[str]:
+    """Mean answer length in words per preference × method (all answers, collapsed included)."""
+    header = ["preference", *a.variants]
+    body = []
+    for p in a.preferences:
+        row = []
+        for v in a.variants:
+            ws = [r["guards"]["words"] for r in a.rows
+                  if r["preference"] == p and r["variant"] == v and (r.get("guards") or {}).get("words") is not None]
+            row.append(fmt(_mean(ws)) if ws else "")
+        body.append([p, *row])
+    return _table(header, body)
+
+
 def speed_table(a: Analysis) -> list[str]:
     header = ["method", "answers", "tokens/s", "answers/min", "mean latency (s)", "forward passes / token"]
     body = []
@@ -507,6 +522,13 @@ def _examples(a: Analysis, per_variant: int = 3) -> list[dict[str, Any]]:
     return out
 
 
+def _thresholds() -> str:
+    from .guards import DEFAULT_THRESHOLDS
+
+    t = DEFAULT_THRESHOLDS
+    return ", ".join(f"{k} {v}" for k, v in vars(t).items()) if hasattr(t, "__dict__") else str(t)
+
+
 def _snippet(text: str, n: int = 160) -> str:
     t = " ".join(text.split()).replace("|", "\\|")
     return t if len(t) <= n else t[: n - 1] + "…"
@@ -587,17 +609,25 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
         "",
         *fluency_table(a),
         "",
+        "Mean answer length in words, per preference (all answers, collapsed included): does a method change "
+        "length the way the preference asks, or whatever the preference?",
+        "",
+        *length_table(a),
+        "",
         "## Speed",
         "",
         "Throughput over the wall time of the batches (answers in a batch decode together); latency: per answer "
-        "from its prefill to its last token. Measured on the machine that ran the grid, while sharing it.",
+        "from its prefill to its last token; beam's tokens are those of the returned hypothesis (it decodes `width` "
+        "rows per answer). Measured on the machine that ran the grid, while sharing it; each run's first batch "
+        "also pays one-time warm-up (judges, guards, kernels), which weighs on methods with few batches (`base`).",
         "",
         *speed_table(a),
         "",
         "## Collapse",
         "",
         "Collapsed answers / answers, per preference and method (repetition loops, non-words, or perplexity "
-        "far above the base answer's; thresholds in docs/judges.md).",
+        f"far above the base answer's; see docs/judges.md). Verdicts computed when this report was written, with "
+        f"{_thresholds()}.",
         "",
         *collapse_table(a),
         "",

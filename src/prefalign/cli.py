@@ -266,10 +266,7 @@ def _register_subsystems() -> None:
     app.command("make-pairs")(make_pairs)
 
 
-try:
-    _register_subsystems()
-except ImportError as _exc:  # a subsystem still being written (development only)
-    _MISSING_SUBSYSTEM = str(_exc)
+_register_subsystems()
 
 
 def main() -> None:  # pragma: no cover - console entry point

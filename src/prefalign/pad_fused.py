@@ -38,7 +38,10 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", 
 
 
 class FusedPadModel(nn.Module):
-    """Policy + unmerged PRM in one pass; call like a causal LM with an extra ``route``."""
+    """Policy + unmerged PRM in one pass; call like a causal LM with an extra ``route``.
+
+    Without ``route`` every row is a PRM row: the module is then the PRM itself.
+    """
 
     serves = (POLICY, PRM)
 
@@ -112,8 +115,12 @@ class FusedPadModel(nn.Module):
         return (hidden.index_copy(0, rows, mapped.to(hidden.dtype)), *args[1:])
 
     def forward(self, input_ids: torch.Tensor, route: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        rows = None if route is None else (route == 1).nonzero().flatten()
-        if rows is None or rows.numel() == 0:
+        """Logits of every row; ``route`` (per row, 0 = policy, 1 = PRM) defaults to all PRM,
+        so that called like a causal LM this module is the PRM."""
+        if route is None:
+            route = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        rows = (route == 1).nonzero().flatten()
+        if rows.numel() == 0:
             return self.policy(input_ids=input_ids, **kwargs)
         handles = []
         try:

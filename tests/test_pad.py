@@ -452,3 +452,31 @@ def test_fused_model_added_while_requests_run(tiny_llama, tokenizer):
     # Once the policy's own rows are gone, the next PAD request runs in one pass.
     out = al.generate(PROMPTS[1], preference="pad:humor", method="pad", max_new_tokens=4, ignore_eos=True)[0]
     assert out.usage.forward_passes == 4 and out.token_ids == expected_pad[:4]
+
+
+def test_cli_pad_with_a_prm_path_and_w(tiny_llama, tokenizer, tmp_path):
+    prm_api = pytest.importorskip("prefalign.prm")
+    if not all(hasattr(prm_api, n) for n in ("build_prm", "save_prm", "load_prm")):
+        pytest.skip("prefalign.prm has no build/save/load yet")
+    import json
+
+    from typer.testing import CliRunner
+
+    from prefalign.cli import app
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    path = prm_api.save_prm(_trained_looking_prm(tiny_llama), tmp_path / "prm", tokenizer,
+                            base_model_name="tiny-llama", preferences=["pad:humor"])
+    args = ["generate", "Hi there", "-p", "pad:humor", "--method", "pad", "-n", "8", "--json", "--model", str(model_dir), "--fast", "off"]
+    result = CliRunner().invoke(app, [*args, "--prm", str(path), "--w", "1.2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    al = Aligner(tiny_llama, tokenizer)
+    al.load_prm(path)
+    expected = al.generate("Hi there", preference="pad:humor", method="pad", max_new_tokens=8, w=1.2)[0]
+    assert data["token_ids"] == expected.token_ids
+    assert data["params"] == {"w": 1.2, "k": 10}
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and "--prm" in missing.output

@@ -67,7 +67,7 @@ def plot_scores(a: Analysis, path: Path) -> Path:
         ax = axes[i // ncols][i % ncols]
         judge = a.judges.get(p, {})
         direction = int(judge.get("direction", 1))
-        best, best_x = None, None
+        drawn: list[tuple[int, float]] = []
         for k, v in enumerate(a.variants):
             c = a.scores.get((p, v))
             if c is None:
@@ -83,10 +83,11 @@ def plot_scores(a: Analysis, path: Path) -> Path:
             if c.collapsed:
                 ax.annotate(f"†{c.collapsed}", (k, c.mean), fontsize=6, ha="center", xytext=(0, 2),
                             textcoords="offset points", color="#d62728")
-            if best is None or direction * c.mean > best:
-                best, best_x = direction * c.mean, (k, c.mean)
-        if best_x is not None:
-            ax.bar([best_x[0]], [best_x[1]], fill=False, edgecolor="black", linewidth=1.8)
+            drawn.append((k, c.mean))
+        if drawn:  # outline the best bar(s), ties included, as the table bolds them
+            best = max(direction * m for _, m in drawn)
+            tied = [(k, m) for k, m in drawn if math.isclose(direction * m, best, rel_tol=0, abs_tol=1e-12)]
+            ax.bar([k for k, _ in tied], [m for _, m in tied], fill=False, edgecolor="black", linewidth=1.8)
         ax.set_xticks(positions, a.variants, rotation=40, ha="right", fontsize=7)
         units = str(judge.get("units", ""))
         ax.set_title(f"{p}\n{judge.get('name', '')} ({_ARROW.get(direction, '')} better)", fontsize=9)
@@ -162,10 +163,12 @@ def plot_sweep(a: Analysis, method: str, path: Path) -> Path | None:
         ax = axes[i // ncols][i % ncols]
         judge = a.judges.get(p, {})
         direction = int(judge.get("direction", 1))
-        xs, ys, err = [], [], [[], []]
+        xs, ys, err, missing = [], [], [[], []], []
         for v in variants:
             c, f = a.scores.get((p, v)), a.fluency_by_pref.get((p, v))
             if c is None or f is None or not c.n or not _finite(f["perplexity"]):
+                if c is not None and c.collapsed and not c.n:
+                    missing.append(",".join(str(x) for x in _sweep_value(a, v)))
                 continue
             xs.append(f["perplexity"])
             ys.append(c.mean)
@@ -179,11 +182,14 @@ def plot_sweep(a: Analysis, method: str, path: Path) -> Path | None:
             c, f = a.scores.get((p, ref)), a.fluency_by_pref.get((p, ref))
             if c is not None and f is not None and c.n and _finite(f["perplexity"]):
                 ax.plot([f["perplexity"]], [c.mean], marker=marker, color="black" if ref == "base" else "#1f77b4", linestyle="none", label=ref)
+        if missing:
+            ax.text(0.02, 0.02, f"all collapsed: {'; '.join(missing)}", transform=ax.transAxes, fontsize=6,
+                    color="#d62728", va="bottom")
         ax.set_title(f"{p}: {judge.get('name', '')} ({_ARROW.get(direction, '')} better)", fontsize=8)
         ax.set_xlabel("median perplexity of answers", fontsize=7)
         ax.tick_params(labelsize=7)
         if i == 0:
-            ax.legend(fontsize=6, frameon=False)
+            ax.legend(fontsize=6, frameon=False, loc="best")
     for j in range(len(prefs), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     swept = ",".join(sorted({k for v in variants for k in a.sweep_of.get(v, {})}))

@@ -280,3 +280,9 @@ def test_tiny_temperature_is_greedy_and_reset_clears(aligner):
     aligner.engine.reset()
     assert not aligner.engine.has_work and aligner.engine.num_active == 0
     assert aligner.generate(PROMPTS[1], method="base", max_new_tokens=6)[0].token_ids == greedy
+
+
+def test_encode_context_matches_the_request_contexts(aligner):
+    request = aligner.build_request(PROMPTS[0], "concise", "amulet")
+    assert request.contexts[0][1] == aligner.encode_context(PROMPTS[0])
+    assert request.contexts[1][1] == aligner.encode_context(PROMPTS[0], "concise")

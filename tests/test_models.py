@@ -33,7 +33,8 @@ def test_missing_paths_and_offline_hub_are_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(tmp_path / "empty")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE at import; patch the constant so no connection is tried.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="hub"):
         load_model("some-org/some-model-that-is-not-cached")
 

@@ -40,6 +40,10 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's choice).")] = None,
     fast: Annotated[bool, typer.Option("--fast/--no-fast", help="CPU fast path (prepacked oneDNN linear layers) where available.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    prm: Annotated[
+        Optional[str],
+        typer.Option(help="Load a personalised reward model for method 'pad' at start-up ('default': the one shipped for the embedded model); otherwise it loads on the first PAD request."),
+    ] = None,
 ) -> None:
     """Serve an OpenAI-compatible chat API with per-request preferences."""
     import uvicorn
@@ -51,7 +55,7 @@ def serve(
     if not _is_loopback(host) and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     try:
-        aligner = Aligner.from_pretrained(model, device=device, threads=threads, fast="auto" if fast else False)
+        aligner = Aligner.from_pretrained(model, device=device, threads=threads, fast="auto" if fast else False, prm=prm)
         app = create_app(
             aligner,
             api_key=api_key,

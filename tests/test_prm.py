@@ -15,11 +15,11 @@ import torch
 
 pytest.importorskip("peft")
 
-from prefalign.errors import PrefalignError, TokenizerMismatchError  # noqa: E402
-from prefalign.models import tokenizer_fingerprint  # noqa: E402
-from prefalign.prm import build_prm, load_prm, save_prm  # noqa: E402
-from prefalign.prm.data import encode_pairs, load_pair_rows, split_pairs  # noqa: E402
-from prefalign.prm.train import TrainConfig, dpo_loss, train  # noqa: E402
+from prefalign.errors import PrefalignError, TokenizerMismatchError
+from prefalign.models import tokenizer_fingerprint
+from prefalign.prm import build_prm, load_prm, save_prm
+from prefalign.prm.data import encode_pairs, load_pair_rows, split_pairs
+from prefalign.prm.train import TrainConfig, dpo_loss, train
 
 
 def _ids(tokenizer, n=2, length=14, seed=0):
@@ -222,7 +222,7 @@ def _write_rows(path: Path, rows):
 
 def test_dpo_loss_values():
     zero = torch.zeros(3)
-    loss, rc, rr = dpo_loss(zero, zero, zero, zero, beta=0.1)
+    loss, _, _ = dpo_loss(zero, zero, zero, zero, beta=0.1)
     assert loss.item() == pytest.approx(0.6931, abs=1e-4)
     loss2, _, _ = dpo_loss(torch.ones(3) * 5, zero, zero, zero, beta=0.1)
     assert loss2 < loss
@@ -278,7 +278,7 @@ def test_resume_continues_at_the_right_step(tiny_llama, tokenizer, tmp_path):
 def test_resume_refuses_other_data(tiny_llama, tokenizer, tmp_path):
     rows = _synthetic_rows()
     data = _write_rows(tmp_path / "pairs.jsonl", rows)
-    cfg = dict(output=tmp_path / "p", epochs=1, batch_size=4, bf16=False, progress=False, held_out=0.2)
+    cfg = {"output": tmp_path / "p", "epochs": 1, "batch_size": 4, "bf16": False, "progress": False, "held_out": 0.2}
     train(TrainConfig(data=data, stop_after_steps=1, **cfg), policy=tiny_llama, tokenizer=tokenizer)
     data2 = _write_rows(tmp_path / "other.jsonl", rows[:-2])
     with pytest.raises(PrefalignError, match="other data"):
@@ -313,7 +313,12 @@ def test_datasets_on_disk(tokenizer, tmp_path):
 def test_make_pairs_on_tiny_model(tiny_llama, tokenizer, tmp_path):
     from prefalign import Aligner
     from prefalign.eval.judges import judge_for
-    from prefalign.prm.pairs import CollapseFilter, PromptRow, read_rows, synthesize_pairs
+    from prefalign.prm.pairs import (
+        CollapseFilter,
+        PromptRow,
+        read_rows,
+        synthesize_pairs,
+    )
 
     aligner = Aligner(tiny_llama, tokenizer)
     prompts = [PromptRow(f"t#{i}", q) for i, q in enumerate(_TOPICS[:3])]
@@ -419,7 +424,7 @@ def test_interrupt_saves_checkpoint(tiny_llama, tokenizer, tmp_path, monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "dpo_loss", flaky)
-    cfg = dict(data=data, output=tmp_path / "p", epochs=1, batch_size=4, bf16=False, progress=False, held_out=0.2)
+    cfg = {"data": data, "output": tmp_path / "p", "epochs": 1, "batch_size": 4, "bf16": False, "progress": False, "held_out": 0.2}
     report = train(TrainConfig(**cfg), policy=tiny_llama, tokenizer=tokenizer)
     assert report["status"] == "interrupted"
     ckpt = torch.load(tmp_path / "p-checkpoints" / "checkpoint.pt", weights_only=False)

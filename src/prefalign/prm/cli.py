@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,7 +31,7 @@ def make_pairs(
     model: Annotated[str, typer.Option(help="policy model: 'embedded', a directory, a .gguf or a hub id")] = "embedded",
     preferences: Annotated[str, typer.Option(help="comma-separated preset names (or sentences)")] = "concise,verbose,elementary,expert,pleasant,formal",
     num_prompts: Annotated[int, typer.Option(help="training prompts to use (0 = all)")] = 100,
-    data_dir: Annotated[Optional[Path], typer.Option(help="the shared data directory (default ../shared/data)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="the shared data directory (default ../shared/data)")] = None,
     base_samples: Annotated[int, typer.Option(help="answers sampled without a preference per prompt")] = 2,
     temperature: Annotated[float, typer.Option(help="sampling temperature")] = 0.8,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per sampled answer")] = 96,
@@ -99,7 +99,7 @@ def train_prm(
     max_prompt_tokens: Annotated[int, typer.Option(help="drop pairs with longer prompts")] = 160,
     max_answer_tokens: Annotated[int, typer.Option(help="truncate answers to this many tokens")] = 96,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bfloat16 autocast on CPU (faster where supported)")] = True,
-    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoints (default OUTPUT/../OUTPUT-checkpoints)")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoints (default OUTPUT/../OUTPUT-checkpoints)")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="optimiser steps between checkpoints")] = 10,
     resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = False,
     time_budget: Annotated[float, typer.Option(help="stop training after this many minutes, then evaluate and save (0 = none)")] = 0.0,

@@ -37,8 +37,8 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PrefalignError
-from .data import PairExample, encode_pairs, examples_digest, load_pair_rows, split_pairs
+from .data import (
+    PairExample,
+    encode_pairs,
+    examples_digest,
+    load_pair_rows,
+    split_pairs,
+)
 from .model import PersonalizedRewardModel, build_prm
 
 log = logging.getLogger(__name__)
@@ -368,7 +374,7 @@ def _plan(train_set: Sequence[PairExample], batch_size: int, epochs: float, seed
 class _Interrupt:
     """Turn SIGTERM into KeyboardInterrupt while training (Ctrl-C already is one)."""
 
-    def __enter__(self) -> _Interrupt:
+    def __enter__(self) -> _Interrupt:  # noqa: PYI034
         self.previous = None
         if sys.platform != "win32":
             try:
@@ -381,7 +387,7 @@ class _Interrupt:
     def _raise(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
@@ -544,8 +550,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
             bar = tqdm(total=total_steps, initial=step, desc="DPO", unit="step", disable=not config.progress, file=sys.stderr)
             budget_hit = False
             stopped = False
-            steps_this_call = 0
-            for indices in plan[step:]:  # a resumed run skips what it already did
+            for steps_this_call, indices in enumerate(plan[step:]):  # a resumed run skips what it already did
                 if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
                     budget_hit = True
                     break
@@ -570,7 +575,6 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                steps_this_call += 1
                 train_seconds += time.monotonic() - t0
                 entry = {
                     "step": step,

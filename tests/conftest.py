@@ -17,7 +17,7 @@ torch.set_num_threads(1)  # two threads collapse when another process shares the
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _tiny_llama(vocab_size: int, seed: int = 0):
+def _tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 1024):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -28,7 +28,7 @@ def _tiny_llama(vocab_size: int, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         initializer_range=0.3,  # peaked next-token distributions: fewer near-ties in greedy tests
         tie_word_embeddings=False,
         bos_token_id=1,

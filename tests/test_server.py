@@ -84,27 +84,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
     return predicate()
 
 
-def tiny_llama(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.3,  # peaked distributions: no near-ties in greedy comparisons
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    return tiny_llama(len(tokenizer))
+    from conftest import _tiny_llama
+
+    return _tiny_llama(len(tokenizer), max_positions=2048)
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrefalignError
-from .method import POLICY, ContextRole, Method, positive, weighted_mean
+from .method import POLICY, ContextRole, Method, count, positive, weighted_mean
 
 #: Engine key of the personalised reward model.
 PRM = "prm"
@@ -121,8 +120,7 @@ class Pad(Method):
 
     def __post_init__(self) -> None:
         positive("w", self.w, allow_zero=True)
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise PrefalignError(f"k (top-k candidates) must be an integer ≥ 1, got {self.k!r}", field="k")
+        count("k", self.k, maximum=1000)
 
     @property
     def extra_models(self) -> tuple[str, ...]:

@@ -173,6 +173,22 @@ class _ModelState:
     rows: list[tuple[_Active, int, int]] = field(default_factory=list)  # (request, track, context)
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token sequences into ``(input_ids, attention_mask)``, both ``[n, longest]``."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded prefill: real tokens count from 0, padding never shifts them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _cache_layers(cache: Any) -> list[Any]:
     layers = getattr(cache, "layers", None)
     if layers is None or any(not hasattr(layer, "keys") for layer in layers):
@@ -409,16 +425,9 @@ class Engine:
     def _prefill(self, key: str, model: Any, rows: list[tuple[_Active, int, int]]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        device = self._device(key)
         seqs = [a.request.contexts[k][1] for a, _, k in rows]
-        length = max(len(s) for s in seqs)
-        pad_id = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):
-            ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
-            mask[i, length - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = left_pad(seqs, self.tokenizer.pad_token_id or 0, self._device(key))
+        positions = positions_from_mask(mask)
         cache = DynamicCache(config=getattr(model, "config", None))
         logprobs = self._forward(model, ids, mask, positions, cache, rows)
         self._merge(key, cache, mask, rows)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from .engine import left_pad, positions_from_mask
 from .errors import PrefalignError
 from .methods import Method, make_method
 from .prompts import encode_context, parse_preferences, to_chat
@@ -60,8 +61,8 @@ class PreferenceLogitsProcessor(LogitsProcessor):
         if len(prefs) != 1:
             raise PrefalignError("the logits processor takes exactly one preference; use the Engine to compose", field="preference")
         chats = [to_chat(p) for p in batch]
-        base = _left_pad([encode_context(tokenizer, c, None, template) for c in chats], tokenizer.pad_token_id or 0)
-        pref = _left_pad([encode_context(tokenizer, c, prefs[0].text, template) for c in chats], tokenizer.pad_token_id or 0)
+        base = left_pad([encode_context(tokenizer, c, None, template) for c in chats], tokenizer.pad_token_id or 0)
+        pref = left_pad([encode_context(tokenizer, c, prefs[0].text, template) for c in chats], tokenizer.pad_token_id or 0)
         processor = cls(model, base[0], base[1], method, **params)
         processor.preference_inputs = {"input_ids": pref[0], "attention_mask": pref[1]}
         return processor
@@ -72,7 +73,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
             raise PrefalignError("generate's batch differs from the base context's (beam search or num_return_sequences>1 are not supported)")
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
-            ids, positions = self.base_ids, (self.mask.cumsum(-1) - 1).clamp(min=0)
+            ids, positions = self.base_ids, positions_from_mask(self.mask)
         else:
             ids = input_ids[:, self.seen:]
             positions = self.mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)
@@ -85,13 +86,3 @@ class PreferenceLogitsProcessor(LogitsProcessor):
         vocab = min(base.shape[-1], pref.shape[-1])
         combined = self.method.combine(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1))
         return combined.to(scores.dtype)
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = torch.tensor(s)
-        mask[i, length - len(s):] = 1
-    return ids, mask

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .engine import GenerationRequest
+from .engine import GenerationRequest, left_pad, positions_from_mask
 
 
 @torch.inference_mode()
@@ -50,13 +50,6 @@ def reference_generate(models: dict[str, Any], requests: Sequence[GenerationRequ
 
 
 def _last_logprobs(model: Any, seqs: list[list[int]], pad_token_id: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = torch.tensor(s, device=device)
-        mask[i, length - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    ids, mask = left_pad(seqs, pad_token_id, next(model.parameters()).device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
     return torch.log_softmax(logits[:, -1, :].float(), dim=-1)

@@ -539,9 +539,9 @@ class Engine:
         track.tokens.append(token)
         active.usage.completion_tokens = len(track.tokens)
         reason = None
+        previous = len(track.text)
+        track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
         if request.stop:
-            previous = len(track.text)
-            track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
             start = max(0, previous - active.max_stop_len)
             hits = [(i, s) for s in request.stop if (i := track.text.find(s, start)) >= 0]
             if hits:
@@ -555,8 +555,7 @@ class Engine:
             self._emit(active, track, [token], deltas, final=False)
 
     def _emit(self, active: _Active, track: _Track, tokens: list[int], deltas: list[Delta], *, final: bool, reason: str | None = None) -> None:
-        if not active.request.stop or not track.text:
-            track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
+        """Stream the part of ``track.text`` (kept decoded by the caller) that is safe to show."""
         safe = len(track.text)
         if not final:
             # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
@@ -570,8 +569,6 @@ class Engine:
 
     def _finish(self, active: _Active, reason: str, deltas: list[Delta], track: _Track, new_tokens: list[int]) -> None:
         """Record the result, stream what is left of the text; rows leave at the next reorder."""
-        if not (active.request.stop and reason == "stop"):  # a stop string already cut the text
-            track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
         if reason == "length":
             # Cut off mid-character: drop the replacement char(s) of the incomplete UTF-8 tail.
             track.text = track.text.rstrip("\ufffd")
@@ -620,7 +617,7 @@ class Engine:
         active.usage.completion_tokens = generated
         if len(active.finished) >= width or not new_tracks:
             best_score, best_tokens = active.finished[0]
-            best = _Track(tokens=best_tokens, score=best_score)
+            best = _Track(tokens=best_tokens, score=best_score, text=self.tokenizer.decode(best_tokens, skip_special_tokens=True))
             self._finish(active, "length" if len(best_tokens) >= max_new else "stop", deltas, best, new_tokens=best_tokens)
             return
         active.tracks = new_tracks

@@ -479,3 +479,72 @@ def test_prm_from_checkpoint(tiny_llama, tokenizer, tmp_path):
     with torch.no_grad():
         assert not torch.equal(prm(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
     assert all(n.startswith("layers.1.") for n, _ in prm.lora_layers())
+
+
+def test_collapse_filter_template_echo_and_chosen_gate():
+    from prefalign.prm.pairs import CollapseFilter, pick_pair
+
+    f = CollapseFilter()
+    assert f.reason("[Guidelines] Your task is to generate response by considering the following principle.") == "template_echo"
+    assert f.reason("guideline: [Principle] Your answer must be concise and focused on the topic") == "template_echo"
+    # The best-scoring candidate may not be chosen: the next best is.
+    assert pick_pair(["a", "b", "c"], [1.0, 5.0, 3.0], direction=1, min_margin=1.0, can_choose=[True, False, True]) == (2, 0)
+    assert pick_pair(["a", "b"], [1.0, 5.0], direction=1, min_margin=1.0, can_choose=[False, False]) is None
+
+
+def test_make_pairs_on_policy_collapse_rows_and_pools(tiny_llama, tokenizer, tmp_path):
+    """On-policy answers that collapse become rejected answers against the judge's best
+    clean answer; every sample is kept in the pools file."""
+    from prefalign import Aligner
+    from prefalign.prm.pairs import CollapseFilter, PromptRow, read_rows, synthesize_pairs
+
+    aligner = Aligner(tiny_llama, tokenizer)
+    prompts = [PromptRow(f"t#{i}", q) for i, q in enumerate(_TOPICS[:2])]
+    # The on-policy method decodes greedily: its answers are known in advance. Flag exactly those.
+    greedy = {
+        aligner.engine.generate([aligner.build_request(p.text, pref, "pref", max_new_tokens=10)])[0].text.strip()
+        for p in prompts for pref in ("concise", "verbose")
+    }
+
+    class FlagGreedy(CollapseFilter):
+        def reason(self, text):
+            return "loop" if text.strip() in greedy else None
+
+    out = tmp_path / "pairs.jsonl"
+    stats = synthesize_pairs(
+        aligner, prompts, out, preferences=("concise", "verbose"), base_samples=2, max_new_tokens=10,
+        prompts_per_batch=2, collapse=FlagGreedy(), min_margins={"length_words": 0.5}, alternates={},
+        on_policy="pref", chosen_max_repetition=None,
+    )
+    rows = list(read_rows(out))
+    loops = [r for r in rows if r["judge"] == "collapse"]
+    assert loops and all(r["rejected"] in greedy and r["rejected_source"].startswith("pref:") for r in loops)
+    assert all(r["chosen"] not in greedy for r in loops)
+    pools = list(read_rows(out.with_name(out.name + ".pools.jsonl")))
+    assert len(pools) == stats.samples == 2 * (2 + 2 + 2)  # per prompt: 2 preference samples, 2 base, 2 on-policy
+    assert {p["collapsed"] for p in pools if p["source"].startswith("pref:")} == {"loop"}
+
+
+def test_train_from_an_earlier_prm(tiny_llama, tokenizer, tmp_path):
+    """--init starts from a trained PRM: same weights at step 0, and the held-out
+    'before' is measured (not the untrained PRM's derived zeros)."""
+    from prefalign.prm.train import prm_from_checkpoint
+
+    data = _write_rows(tmp_path / "pairs.jsonl", _synthetic_rows())
+    common = {"data": data, "batch_size": 4, "bf16": False, "progress": False, "held_out": 0.2, "lr": 1e-2}
+    train(TrainConfig(output=tmp_path / "first", epochs=2, lora_top_layers=1, **common), policy=tiny_llama, tokenizer=tokenizer)
+    first = load_prm(tmp_path / "first", tiny_llama, tokenizer, merge=False)
+    report = train(
+        TrainConfig(output=tmp_path / "second", epochs=1, init_from=tmp_path / "first", stop_after_steps=0, **common),
+        policy=tiny_llama, tokenizer=tokenizer,
+    )
+    assert report["status"] == "stopped"
+    start = prm_from_checkpoint(tmp_path / "second-checkpoints" / "checkpoint.pt", tiny_llama)
+    assert [n for n, _ in start.lora_layers()] == [n for n, _ in first.lora_layers()]  # the init's layout, not the defaults
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(start(input_ids=ids).logits, first(input_ids=ids).logits, atol=1e-5, rtol=0)
+    done = train(TrainConfig(output=tmp_path / "second", epochs=1, init_from=tmp_path / "first", resume=True, **common),
+                 policy=tiny_llama, tokenizer=tokenizer)
+    assert not done["held_out_before"].get("derived") and done["held_out_before"]["margin"] != 0.0
+    assert done["hyperparameters"]["init_from"] == str(tmp_path / "first")

@@ -42,6 +42,10 @@ def make_pairs(
     resume: Annotated[bool, typer.Option("--resume/--overwrite", help="continue an interrupted run or start afresh")] = True,
     time_budget: Annotated[float, typer.Option(help="stop after this many minutes (0 = no limit)")] = 0.0,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
+    skip: Annotated[int, typer.Option(help="skip the first N shuffled training prompts (e.g. those an earlier run used)")] = 0,
+    chosen_max_repetition: Annotated[float, typer.Option(help="a chosen answer may repeat at most this share of its word 4-grams (1 = no limit)")] = 0.1,
+    on_policy: Annotated[str | None, typer.Option(help="also decode each preference greedily with this method (e.g. pad); its collapsed answers become rejected answers")] = None,
+    prm: Annotated[Path | None, typer.Option(help="PRM for --on-policy pad (default: the shipped one for the embedded model)")] = None,
 ) -> None:
     """Sample answers from the policy, judge them per preference and write best-vs-worst pairs.
 
@@ -57,8 +61,8 @@ def make_pairs(
     torch.set_num_threads(threads)
     prefs = _parse_prefs(preferences)
     try:
-        prompts = training_prompts(data_dir, limit=num_prompts or None, seed=seed, max_chars=max_prompt_chars)
-        aligner = Aligner.from_pretrained(model)
+        prompts = training_prompts(data_dir, limit=(num_prompts + skip) if num_prompts else None, seed=seed, max_chars=max_prompt_chars)[skip:]
+        aligner = Aligner.from_pretrained(model, prm=prm)
         bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr)
         done_before = output.with_name(output.name + ".done")
         if resume and done_before.is_file():
@@ -67,7 +71,8 @@ def make_pairs(
             stats = synthesize_pairs(
                 aligner, prompts, output, preferences=prefs, base_samples=base_samples, temperature=temperature,
                 max_new_tokens=max_new_tokens, prompts_per_batch=prompts_per_batch, seed=seed,
-                margin_scale=margin_scale, resume=resume, progress=bar.update,
+                margin_scale=margin_scale, resume=resume, progress=bar.update, on_policy=on_policy,
+                chosen_max_repetition=chosen_max_repetition if chosen_max_repetition < 1 else None,
                 time_budget_s=time_budget * 60 if time_budget else None,
             )
         except KeyboardInterrupt:
@@ -105,6 +110,7 @@ def train_prm(
     time_budget: Annotated[float, typer.Option(help="stop training after this many minutes, then evaluate and save (0 = none)")] = 0.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
+    init: Annotated[Path | None, typer.Option(help="start from this trained PRM (a further round on new pairs; its LoRA layout wins)")] = None,
 ) -> None:
     """Train a personalised reward model with DPO on preference pairs (see docs/prm.md)."""
     import torch
@@ -117,7 +123,7 @@ def train_prm(
         micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, lora_top_layers=lora_top_layers or None, held_out=held_out,
         max_prompt_tokens=max_prompt_tokens, max_answer_tokens=max_answer_tokens, bf16=bf16,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-        time_budget_s=time_budget * 60 if time_budget else None, seed=seed,
+        time_budget_s=time_budget * 60 if time_budget else None, seed=seed, init_from=init,
         command=" ".join(["prefalign", "train-prm", *sys.argv[2:]]) if len(sys.argv) > 1 else None,
     )
     try:

@@ -103,14 +103,6 @@ def save_prm(
     adapters = {k: v.detach().to("cpu", store).contiguous() for k, v in prm.adapter_state_dict().items()}
     w = prm.linear.weight.detach().float().cpu()
     delta = (w - torch.eye(w.shape[0])).to(store).contiguous()
-    lora = prm.lora_config
-    targets = lora.target_modules
-    from .model import _layer_index
-
-    layers = None
-    if not isinstance(targets, str) and any(_layer_index(t) is not None for t in targets):
-        layers = sorted({_layer_index(t) for t in targets if _layer_index(t) is not None})
-        targets = {t.rpartition(".")[2] for t in targets}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -122,13 +114,7 @@ def save_prm(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "preferences": list(preferences),
         "template": template,
-        "lora": {
-            "r": lora.r,
-            "lora_alpha": lora.lora_alpha,
-            "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
-            "lora_dropout": lora.lora_dropout,
-            "layers": layers,
-        },
+        "lora": lora_layout(prm),
         "dtype": dtype,
         "linear": "delta_weight = W - I",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -181,13 +167,54 @@ def load_prm(
     docs/prm.md). The policy is never modified and may be fast-path accelerated
     before or after.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_file():
         path = path.parent
     config = read_prm_config(path)
     check_tokenizer(config, tokenizer, path)
+    _check_shape(config, policy_model, path)
+    prm = _build_and_fill(path, config, policy_model)
+    for p in prm.parameters():
+        p.requires_grad_(False)
+    prm.prm_config = config  # type: ignore[attr-defined]
+    if merge:
+        prm.merge_adapters()
+    prm.eval()
+    return prm
+
+
+def lora_layout(prm: PersonalizedRewardModel) -> dict[str, Any]:
+    """The PRM's LoRA settings as saved in ``prm_config.json`` (``build_prm`` arguments)."""
+    from .model import _layer_index
+
+    lora = prm.lora_config
+    targets = lora.target_modules
+    layers = None
+    if not isinstance(targets, str) and any(_layer_index(t) is not None for t in targets):
+        layers = sorted({_layer_index(t) for t in targets if _layer_index(t) is not None})
+        targets = {t.rpartition(".")[2] for t in targets}
+    return {
+        "r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
+        "lora_dropout": lora.lora_dropout,
+        "layers": layers,
+    }
+
+
+def build_from_layout(policy_model: Any, lora: dict[str, Any]) -> PersonalizedRewardModel:
+    """An untrained PRM with the LoRA layout ``lora`` (see :func:`lora_layout`)."""
+    return build_prm(
+        policy_model,
+        lora_r=int(lora["r"]),
+        lora_alpha=int(lora["lora_alpha"]),
+        target_modules=lora["target_modules"],
+        lora_dropout=float(lora.get("lora_dropout", 0.0)),
+        layers=lora.get("layers"),
+    )
+
+
+def _check_shape(config: dict[str, Any], policy_model: Any, path: Path) -> None:
     expected = config.get("base_model_config", {})
     for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
         want, got = expected.get(key), getattr(policy_model.config, key, None)
@@ -197,15 +224,14 @@ def load_prm(
                 f"this policy has {key}={got}",
                 field="prm",
             )
-    lora = config["lora"]
-    prm = build_prm(
-        policy_model,
-        lora_r=int(lora["r"]),
-        lora_alpha=int(lora["lora_alpha"]),
-        target_modules=lora["target_modules"],
-        lora_dropout=float(lora.get("lora_dropout", 0.0)),
-        layers=lora.get("layers"),
-    )
+
+
+def _build_and_fill(path: Path, config: dict[str, Any], policy_model: Any) -> PersonalizedRewardModel:
+    """A PRM with the LoRA layout of ``config`` over ``policy_model``, weights from ``path``
+    (trainable parameters still trainable)."""
+    from safetensors.torch import load_file
+
+    prm = build_from_layout(policy_model, config["lora"])
     dtype = prm.dtype
     device = prm.device
     state = {k: v.to(device, dtype) for k, v in load_file(str(path / ADAPTER_FILE)).items()}
@@ -213,10 +239,18 @@ def load_prm(
     delta = load_file(str(path / LINEAR_FILE))["delta_weight"].float()
     with torch.no_grad():
         prm.linear.weight.copy_((torch.eye(delta.shape[0]) + delta).to(device, dtype))
-    for p in prm.parameters():
-        p.requires_grad_(False)
+    return prm
+
+
+def load_prm_for_training(path: str | os.PathLike[str], policy_model: Any, tokenizer: Any) -> PersonalizedRewardModel:
+    """The PRM at ``path``, unmerged and trainable: the starting point of a further
+    training round (``prefalign train-prm --init PATH``). Same checks as :func:`load_prm`."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    config = read_prm_config(path)
+    check_tokenizer(config, tokenizer, path)
+    _check_shape(config, policy_model, path)
+    prm = _build_and_fill(path, config, policy_model)
     prm.prm_config = config  # type: ignore[attr-defined]
-    if merge:
-        prm.merge_adapters()
-    prm.eval()
     return prm

@@ -170,18 +170,26 @@ def repetition_rate(text: str, n: int = 4) -> float:
     return 1.0 - len({tuple(toks[i : i + n]) for i in range(total)}) / total
 
 
+#: Pieces of PAD's guideline template: an answer that repeats them echoes its prompt.
+TEMPLATE_ECHOES: tuple[str, ...] = ("[guideline", "[principle", "[instruction", "your task is to generate response")
+
+
 @dataclass(frozen=True)
 class CollapseFilter:
-    """Answers a pair may not use: too short, looping, or non-words."""
+    """Answers a pair may not use: too short, looping, echoing the template, or non-words."""
 
     min_words: int = 5
     max_repetition: float = 0.2  # repeated 4-gram share
     max_non_dictionary: float = 0.2
+    echoes: tuple[str, ...] = TEMPLATE_ECHOES
 
     def reason(self, text: str) -> str | None:
         toks = _words(text)
         if len(toks) < self.min_words:
             return "too_short"
+        lowered = text.lower()
+        if any(echo in lowered for echo in self.echoes):
+            return "template_echo"
         if repetition_rate(text, 4) > self.max_repetition:
             return "repetition"
         if len(toks) >= 12:
@@ -216,12 +224,20 @@ def pick_pair(
     scores: Sequence[float],
     direction: int,
     min_margin: float,
+    can_choose: Sequence[bool] | None = None,
 ) -> tuple[int, int] | None:
-    """Indices (chosen, rejected) of the best and worst candidate, or None if too close."""
+    """Indices (chosen, rejected) of the best and worst candidate, or None if too close.
+
+    ``can_choose`` (per candidate) restricts which may be *chosen* (e.g. no mild
+    repetition in a chosen answer); any candidate may be rejected.
+    """
     if len(candidates) < 2:
         return None
     aligned = [direction * s for s in scores]
-    best = max(range(len(aligned)), key=lambda i: (aligned[i], -i))
+    eligible = [i for i in range(len(aligned)) if can_choose is None or can_choose[i]]
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda i: (aligned[i], -i))
     worst = min(range(len(aligned)), key=lambda i: (aligned[i], i))
     if best == worst or aligned[best] - aligned[worst] < min_margin:
         return None
@@ -274,8 +290,23 @@ def synthesize_pairs(
     resume: bool = True,
     progress: Callable[[int], None] | None = None,
     time_budget_s: float | None = None,
+    chosen_max_repetition: float | None = 0.1,
+    on_policy: str | None = None,
 ) -> PairStats:
     """Sample answer pools and append judged pairs to ``output`` (JSONL).
+
+    ``chosen_max_repetition``: a chosen answer may repeat at most this share of its word
+    4-grams (stricter than the pool's collapse filter, which only drops loops).
+
+    ``on_policy``: a method name (e.g. ``"pad"``, with the aligner's PRM loaded) whose
+    greedy answer under each preference joins that prompt's pool (source
+    ``"<method>"``): a clean answer is ranked like the samples; a *collapsed* one
+    becomes an extra row ``{chosen: the judge's best clean answer, rejected: the
+    collapsed answer, judge: "collapse"}``. This is one round of on-policy DPO: it
+    shows the reward model the loops and template echoes it leads decoding into.
+
+    Every sampled answer (collapsed ones with their reason) is appended to
+    ``<output>.pools.jsonl``, so pairs can be re-ranked later without re-sampling.
 
     Resumable: prompts already processed are listed in ``<output>.done`` and skipped
     (rows are appended and flushed per batch, so an interruption loses at most one batch).
@@ -290,14 +321,20 @@ def synthesize_pairs(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done_path = output.with_name(output.name + ".done")
+    pools_path = output.with_name(output.name + ".pools.jsonl")
     done = _done_ids(done_path) if resume else set()
     if not resume:
         output.write_text("", encoding="utf-8")
         done_path.write_text("", encoding="utf-8")
+        pools_path.write_text("", encoding="utf-8")
     todo = [p for p in prompts if p.prompt_id not in done]
     stats = PairStats(prompts_done=len(prompts) - len(todo))
     start = time.monotonic()
-    with output.open("a", encoding="utf-8") as out, done_path.open("a", encoding="utf-8") as done_file:
+    with (
+        output.open("a", encoding="utf-8") as out,
+        done_path.open("a", encoding="utf-8") as done_file,
+        pools_path.open("a", encoding="utf-8") as pools_file,
+    ):
         for b in range(0, len(todo), prompts_per_batch):
             if time_budget_s is not None and time.monotonic() - start > time_budget_s:
                 log.info("time budget reached after %d prompts", stats.prompts_done)
@@ -329,16 +366,29 @@ def synthesize_pairs(
                         )
                     )
                     meta.append((row_index, "base", s))
+                if on_policy:
+                    for pref in preferences:
+                        name = alternates.get(pref, pref) if use_alt else pref
+                        requests.append(aligner.build_request(row.text, name, on_policy, max_new_tokens=max_new_tokens))
+                        meta.append((row_index, f"{on_policy}:{name}", -1))
             results = aligner.engine.generate(requests)
             pools: list[list[Candidate]] = [[] for _ in batch]
+            collapsed: list[dict[str, Candidate]] = [{} for _ in batch]  # on-policy answers that collapsed, per preference
             for (row_index, source, s), res in zip(meta, results):
                 stats.samples += 1
                 stats.tokens += res.usage.completion_tokens
                 reason = collapse.reason(res.text)
+                candidate = Candidate(res.text.strip(), res.finish_reason, source, s)
+                pools_file.write(json.dumps({
+                    "prompt_id": batch[row_index].prompt_id, "source": source, "seed": s, "text": candidate.text,
+                    "finish_reason": res.finish_reason, "collapsed": reason,
+                }, ensure_ascii=False) + "\n")
                 if reason:
                     stats.rejected_collapse[reason] = stats.rejected_collapse.get(reason, 0) + 1
+                    if on_policy and source.startswith(on_policy + ":"):
+                        collapsed[row_index][source.split(":", 1)[1]] = candidate
                     continue
-                pools[row_index].append(Candidate(res.text.strip(), res.finish_reason, source, s))
+                pools[row_index].append(candidate)
             for row_index, row in enumerate(batch):
                 pool = pools[row_index]
                 use_alt = _seed_for(seed, row.prompt_id, -1) % 2 == 1
@@ -352,37 +402,57 @@ def synthesize_pairs(
                         if candidates else []
                     )
                     margin = margins.get(judge.name, FALLBACK_MIN_MARGIN) * margin_scale
-                    picked = pick_pair(candidates, scores, judge.direction, margin)
+                    can_choose = [
+                        chosen_max_repetition is None or repetition_rate(c.text, 4) <= chosen_max_repetition
+                        for c in candidates
+                    ]
+                    picked = pick_pair(candidates, scores, judge.direction, margin, can_choose)
                     if picked is None:
                         stats.no_margin[name] = stats.no_margin.get(name, 0) + 1
-                        continue
-                    c, r = picked
-                    record = {
-                        "preference": name,
-                        "prompt": row.text,
-                        "chosen": candidates[c].text,
-                        "rejected": candidates[r].text,
-                        "prompt_id": row.prompt_id,
-                        "judge": judge.name,
-                        "direction": judge.direction,
-                        "chosen_score": round(float(scores[c]), 4),
-                        "rejected_score": round(float(scores[r]), 4),
-                        "chosen_complete": candidates[c].finish_reason == "stop",
-                        "rejected_complete": candidates[r].finish_reason == "stop",
-                        "chosen_source": candidates[c].source,
-                        "rejected_source": candidates[r].source,
-                    }
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    stats.rows += 1
-                    stats.per_preference[name] = stats.per_preference.get(name, 0) + 1
+                    else:
+                        c, r = picked
+                        out.write(json.dumps(_pair_record(name, row, judge, candidates[c], candidates[r], scores[c], scores[r]), ensure_ascii=False) + "\n")
+                        stats.rows += 1
+                        stats.per_preference[name] = stats.per_preference.get(name, 0) + 1
+                    loop = collapsed[row_index].get(name)
+                    eligible = [i for i in range(len(candidates)) if can_choose[i]]
+                    if loop is not None and eligible:
+                        best = max(eligible, key=lambda i: (judge.direction * scores[i], -i))
+                        record = _pair_record(name, row, judge, candidates[best], loop, scores[best], None)
+                        record["judge"] = "collapse"
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        stats.rows += 1
+                        stats.per_preference[f"{name}/collapse"] = stats.per_preference.get(f"{name}/collapse", 0) + 1
                 done_file.write(row.prompt_id + "\n")
                 stats.prompts_done += 1
             out.flush()
+            pools_file.flush()
             done_file.flush()
             if progress:
                 progress(len(batch))
     stats.seconds = time.monotonic() - start
     return stats
+
+
+def _pair_record(
+    preference: str, row: PromptRow, judge: Any, chosen: Candidate, rejected: Candidate,
+    chosen_score: float, rejected_score: float | None,
+) -> dict[str, Any]:
+    return {
+        "preference": preference,
+        "prompt": row.text,
+        "chosen": chosen.text,
+        "rejected": rejected.text,
+        "prompt_id": row.prompt_id,
+        "judge": judge.name,
+        "direction": judge.direction,
+        "chosen_score": round(float(chosen_score), 4),
+        "rejected_score": None if rejected_score is None else round(float(rejected_score), 4),
+        "chosen_complete": chosen.finish_reason == "stop",
+        "rejected_complete": rejected.finish_reason == "stop",
+        "chosen_source": chosen.source,
+        "rejected_source": rejected.source,
+    }
 
 
 def filter_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

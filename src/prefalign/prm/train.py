@@ -53,6 +53,7 @@ from .data import (
     load_pair_rows,
     split_pairs,
 )
+from .io import build_from_layout, lora_layout
 from .model import PersonalizedRewardModel, build_prm
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ class TrainConfig:
     command: str | None = None
     #: Stop after this many optimiser steps in this call (tests of resume); None = run to the end.
     stop_after_steps: int | None = None
+    #: Start from this trained PRM (its LoRA layout replaces lora_r/lora_alpha/
+    #: target_modules/lora_top_layers) instead of an untrained one: a further round of
+    #: training on new pairs. The reference stays the policy, so the PRM's reward keeps
+    #: its meaning (log π_PRM − log π_policy); the held-out "before" is then measured.
+    init_from: Path | str | None = None
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint_dir:
@@ -429,13 +435,18 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
     digest = examples_digest(examples)
     preferences = sorted({e.preference for e in examples})
 
-    layers = None
-    if config.lora_top_layers:
-        n_layers = int(policy.config.num_hidden_layers)
-        layers = list(range(max(0, n_layers - config.lora_top_layers), n_layers))
-    prm = build_prm(
-        policy, lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules, layers=layers
-    )
+    if config.init_from:
+        from .io import load_prm_for_training
+
+        prm = load_prm_for_training(config.init_from, policy, tokenizer)
+    else:
+        layers = None
+        if config.lora_top_layers:
+            n_layers = int(policy.config.num_hidden_layers)
+            layers = list(range(max(0, n_layers - config.lora_top_layers), n_layers))
+        prm = build_prm(
+            policy, lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules, layers=layers
+        )
     params = prm.trainable_parameters()
     linear_params = [prm.linear.weight]
     other_params = [p for p in params if p is not prm.linear.weight]
@@ -498,6 +509,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
                 "history": history,
                 "before": before,
                 "train_seconds": train_seconds,
+                "lora_layout": lora_layout(prm),
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
             },
             ckpt_file,
@@ -538,7 +550,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
                 bar.close()
                 _atomic_save({"digest": digest, "bf16": config.bf16, "refs": refs}, ref_file)
             if before is None:
-                if config.measure_before:
+                if config.measure_before or config.init_from:
                     before = evaluate(
                         prm, eval_set, refs, beta=config.beta, pad_id=pad_id, bf16=config.bf16, micro_batch=config.micro_batch
                     )
@@ -615,10 +627,10 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
         train_subset_after=train_after,
         policy_likelihood_baseline=likelihood_baseline(eval_set, refs),
         hyperparameters={
-            k: v
+            k: str(v) if isinstance(v, Path) else v
             for k, v in asdict(config).items()
             if k in ("beta", "lr", "linear_lr_scale", "lora_top_layers", "group_by_prompt", "epochs", "batch_size", "micro_batch", "lora_r", "lora_alpha", "held_out",
-                     "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay", "max_grad_norm")
+                     "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay", "max_grad_norm", "init_from")
         },
         warmup_steps=warmup,
         trainable_parameters=sum(p.numel() for p in params),
@@ -647,15 +659,18 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
 def prm_from_checkpoint(checkpoint: Path | str, policy: Any, *, lora_r: int | None = None) -> PersonalizedRewardModel:
     """Rebuild the PRM of a training checkpoint (e.g. to try an unfinished run)."""
     ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
-    cfg = ckpt.get("config", {})
-    layers = None
-    if cfg.get("lora_top_layers"):
-        n_layers = int(policy.config.num_hidden_layers)
-        layers = list(range(max(0, n_layers - int(cfg["lora_top_layers"])), n_layers))
-    prm = build_prm(
-        policy, lora_r=int(lora_r or cfg.get("lora_r", 8)), lora_alpha=int(cfg.get("lora_alpha", 16)),
-        target_modules=cfg.get("target_modules"), layers=layers,
-    )
+    if "lora_layout" in ckpt:
+        prm = build_from_layout(policy, ckpt["lora_layout"])
+    else:  # checkpoints written before the layout was stored
+        cfg = ckpt.get("config", {})
+        layers = None
+        if cfg.get("lora_top_layers"):
+            n_layers = int(policy.config.num_hidden_layers)
+            layers = list(range(max(0, n_layers - int(cfg["lora_top_layers"])), n_layers))
+        prm = build_prm(
+            policy, lora_r=int(lora_r or cfg.get("lora_r", 8)), lora_alpha=int(cfg.get("lora_alpha", 16)),
+            target_modules=cfg.get("target_modules"), layers=layers,
+        )
     _load_trainable_state(prm, ckpt["trainable"])
     for p in prm.parameters():
         p.requires_grad_(False)

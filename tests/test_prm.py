@@ -496,7 +496,12 @@ def test_make_pairs_on_policy_collapse_rows_and_pools(tiny_llama, tokenizer, tmp
     """On-policy answers that collapse become rejected answers against the judge's best
     clean answer; every sample is kept in the pools file."""
     from prefalign import Aligner
-    from prefalign.prm.pairs import CollapseFilter, PromptRow, read_rows, synthesize_pairs
+    from prefalign.prm.pairs import (
+        CollapseFilter,
+        PromptRow,
+        read_rows,
+        synthesize_pairs,
+    )
 
     aligner = Aligner(tiny_llama, tokenizer)
     prompts = [PromptRow(f"t#{i}", q) for i, q in enumerate(_TOPICS[:2])]

@@ -167,16 +167,9 @@ def load_prm(
     docs/prm.md). The policy is never modified and may be fast-path accelerated
     before or after.
     """
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    config = read_prm_config(path)
-    check_tokenizer(config, tokenizer, path)
-    _check_shape(config, policy_model, path)
-    prm = _build_and_fill(path, config, policy_model)
+    prm = load_prm_for_training(path, policy_model, tokenizer)
     for p in prm.parameters():
         p.requires_grad_(False)
-    prm.prm_config = config  # type: ignore[attr-defined]
     if merge:
         prm.merge_adapters()
     prm.eval()

@@ -69,3 +69,36 @@ def test_chat_switches_preference_and_method(model_dir):
     assert result.exit_code == 0, result.output
     assert "method: la" in result.output
     assert "unknown method" in result.output
+
+
+def test_make_pairs_and_train_prm_commands(model_dir, tiny_llama, tokenizer, shared_data, tmp_path):
+    """make-pairs --skip/--on-policy/--prm and train-prm --init, through the CLI."""
+    prm_api = pytest.importorskip("prefalign.prm")
+    from prefalign.prm.pairs import read_rows, training_prompts
+
+    first = tmp_path / "first-prm"
+    prm_api.save_prm(prm_api.build_prm(tiny_llama, layers=[1]), first, tokenizer, base_model_name="tiny", preferences=["concise"])
+    out = tmp_path / "pairs.jsonl"
+    result = runner.invoke(app, [
+        "make-pairs", "--output", str(out), "--model", model_dir, "--preferences", "concise,verbose",
+        "--num-prompts", "2", "--skip", "3", "--max-new-tokens", "6", "--on-policy", "pad", "--prm", str(first),
+        "--data-dir", str(shared_data),
+    ])
+    assert result.exit_code == 0, result.output
+    expected_ids = [p.prompt_id for p in training_prompts(shared_data)[3:5]]
+    assert out.with_name(out.name + ".done").read_text().split() == expected_ids
+    pools = list(read_rows(out.with_name(out.name + ".pools.jsonl")))
+    assert {p["source"] for p in pools} >= {"pad:concise", "pad:verbose", "base"}
+
+    pairs = tmp_path / "train.jsonl"
+    pairs.write_text("".join(json.dumps({"preference": p, "prompt": f"Question {i}?", "chosen": c, "rejected": r}) + "\n"
+                             for i in range(6) for p, c, r in (("concise", "Yes.", "Yes, and here is much more."),
+                                                              ("verbose", "Yes, and here is much more.", "Yes."))))
+    result = runner.invoke(app, [
+        "train-prm", str(pairs), "--output", str(tmp_path / "second-prm"), "--model", model_dir, "--init", str(first),
+        "--epochs", "1", "--fp32", "--held-out", "0.34",
+    ])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "second-prm" / "prm_config.json").read_text())
+    assert config["lora"]["layers"] == [1]  # the --init PRM's layout
+    assert config["extra"]["training"]["hyperparameters"]["init_from"] == str(first)

@@ -233,15 +233,22 @@ def pick_pair(
     """
     if len(candidates) < 2:
         return None
-    aligned = [direction * s for s in scores]
-    eligible = [i for i in range(len(aligned)) if can_choose is None or can_choose[i]]
-    if not eligible:
+    best = best_candidate(scores, direction, can_choose)
+    if best is None:
         return None
-    best = max(eligible, key=lambda i: (aligned[i], -i))
+    aligned = [direction * s for s in scores]
     worst = min(range(len(aligned)), key=lambda i: (aligned[i], i))
     if best == worst or aligned[best] - aligned[worst] < min_margin:
         return None
     return best, worst
+
+
+def best_candidate(scores: Sequence[float], direction: int, can_choose: Sequence[bool] | None = None) -> int | None:
+    """Index of the best-judged candidate that may be chosen (the first on ties), or None."""
+    eligible = [i for i in range(len(scores)) if can_choose is None or can_choose[i]]
+    if not eligible:
+        return None
+    return max(eligible, key=lambda i: (direction * scores[i], -i))
 
 
 # --- synthesis -----------------------------------------------------------------------
@@ -262,6 +269,13 @@ class PairStats:
 def _seed_for(base: int, prompt_id: str, slot: int) -> int:
     digest = hashlib.sha256(f"{base}|{prompt_id}|{slot}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _preference_names(row: PromptRow, preferences: Sequence[str], alternates: dict[str, str], seed: int) -> list[str]:
+    """The preferences a prompt is judged under: each of an alternating pair ("pleasant" /
+    "friendly") is used on about half of the prompts, chosen by a seeded hash of the prompt."""
+    use_alt = _seed_for(seed, row.prompt_id, -1) % 2 == 1
+    return [alternates.get(pref, pref) if use_alt else pref for pref in preferences]
 
 
 def _done_ids(progress: Path) -> set[str]:
@@ -341,34 +355,21 @@ def synthesize_pairs(
                 break
             batch = todo[b : b + prompts_per_batch]
             requests, meta = [], []
+            names = [_preference_names(row, preferences, alternates, seed) for row in batch]
             for row_index, row in enumerate(batch):
-                slot = 0
-                # Which of an alternating pair this prompt uses ("pleasant" / "friendly").
-                use_alt = _seed_for(seed, row.prompt_id, -1) % 2 == 1
-                for pref in preferences:
-                    name = alternates.get(pref, pref) if use_alt else pref
+                # Sampled answers: one per preference, then base_samples without one (slot = seed index).
+                sampled = [(name, "pref", name) for name in names[row_index]] + [(None, "base", "base")] * base_samples
+                for slot, (preference, method, source) in enumerate(sampled):
                     s = _seed_for(seed, row.prompt_id, slot)
-                    slot += 1
                     requests.append(
                         aligner.build_request(
-                            row.text, name, "pref", template="pad", temperature=temperature,
+                            row.text, preference, method, template="pad", temperature=temperature,
                             top_p=top_p, seed=s, max_new_tokens=max_new_tokens,
                         )
                     )
-                    meta.append((row_index, name, s))
-                for _ in range(base_samples):
-                    s = _seed_for(seed, row.prompt_id, slot)
-                    slot += 1
-                    requests.append(
-                        aligner.build_request(
-                            row.text, None, "base", template="pad", temperature=temperature,
-                            top_p=top_p, seed=s, max_new_tokens=max_new_tokens,
-                        )
-                    )
-                    meta.append((row_index, "base", s))
+                    meta.append((row_index, source, s))
                 if on_policy:
-                    for pref in preferences:
-                        name = alternates.get(pref, pref) if use_alt else pref
+                    for name in names[row_index]:
                         requests.append(aligner.build_request(row.text, name, on_policy, max_new_tokens=max_new_tokens))
                         meta.append((row_index, f"{on_policy}:{name}", -1))
             results = aligner.engine.generate(requests)
@@ -391,9 +392,7 @@ def synthesize_pairs(
                 pools[row_index].append(candidate)
             for row_index, row in enumerate(batch):
                 pool = pools[row_index]
-                use_alt = _seed_for(seed, row.prompt_id, -1) % 2 == 1
-                for pref in preferences:
-                    name = alternates.get(pref, pref) if use_alt else pref
+                for name in names[row_index]:
                     judge = judges[name]
                     min_words = JUDGE_MIN_WORDS.get(judge.name, 0)
                     candidates = [c for c in pool if len(_words(c.text)) >= min_words]
@@ -415,9 +414,8 @@ def synthesize_pairs(
                         stats.rows += 1
                         stats.per_preference[name] = stats.per_preference.get(name, 0) + 1
                     loop = collapsed[row_index].get(name)
-                    eligible = [i for i in range(len(candidates)) if can_choose[i]]
-                    if loop is not None and eligible:
-                        best = max(eligible, key=lambda i: (judge.direction * scores[i], -i))
+                    best = best_candidate(scores, judge.direction, can_choose) if loop is not None else None
+                    if best is not None:
                         record = _pair_record(name, row, judge, candidates[best], loop, scores[best], None)
                         record["judge"] = "collapse"
                         out.write(json.dumps(record, ensure_ascii=False) + "\n")

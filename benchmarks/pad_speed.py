@@ -220,15 +220,15 @@ def main() -> None:
         ratios[f"uncached_pad_over_pad_b{batch}"] = round(ms("uncached reference, pad", batch) / ms(default, batch), 3)
         ratios[f"uncached_pad_over_uncached_base_b{batch}"] = round(
             ms("uncached reference, pad", batch) / ms("uncached reference, base", batch), 3)
-    same = {
-        f"{name} b{b}": f"{sum(x == y for x, y in zip(tokens_seen[('base', b)], tokens_seen[(name, b)]))}/{b}"
-        for b in args.batch for name in aligners if name != "base"
-    }
-    reference_pad = "pad, one pass (fused)" if "pad, one pass (fused)" in aligners else None
-    same_as_fused = {
-        f"{name} b{b}": f"{sum(x == y for x, y in zip(tokens_seen[(reference_pad, b)], tokens_seen[(name, b)]))}/{b}"
-        for b in args.batch for name in aligners if reference_pad and name not in ("base", reference_pad)
-    }
+    def agreement(reference: str) -> dict[str, str]:
+        """Per PAD configuration and batch: prompts whose tokens equal ``reference``'s."""
+        return {
+            f"{name} b{b}": f"{sum(x == y for x, y in zip(tokens_seen[(reference, b)], tokens_seen[(name, b)]))}/{b}"
+            for b in args.batch for name in aligners if name not in ("base", reference)
+        }
+
+    same = agreement("base")
+    same_as_fused = agreement("pad, one pass (fused)") if "pad, one pass (fused)" in aligners else {}
     results = {
         "model": "SmolLM2-135M-Instruct (embedded)",
         "prm": prm_source,

@@ -149,11 +149,40 @@ def test_pad_scores_k_larger_than_vocab():
     assert torch.allclose(out, lp)
 
 
+def test_min_p_drops_implausible_candidates_by_hand():
+    # Policy probabilities over V=5: 0.5, 0.3, 0.1, 0.06, 0.04; the PRM loves token 4.
+    policy = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
+    prm = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0, 8.0]]), -1)
+    stacked, one = torch.stack([policy, prm], 1), torch.tensor([1.0])
+    plain = Pad(w=2.0, k=5).combine(stacked, one)
+    assert plain[0].argmax().item() == 4  # the paper's rule: any top-k candidate may win
+    # min_p = 0.15: candidates need probability ≥ 0.15 · 0.5 = 0.075 → tokens 0, 1, 2.
+    floored = Pad(w=2.0, k=5, min_p=0.15).combine(stacked, one)
+    assert floored[0, 3:].tolist() == [NEG, NEG]
+    # Kept candidates keep their scores exactly (rewards are normalised over all top-k).
+    assert torch.equal(floored[0, :3], plain[0, :3])
+    # Uniform PRM over 0–3: score = log p − 2·log p + const, so the least likely *kept* token wins.
+    assert floored[0].argmax().item() == 2
+    # Several preferences: the floor applies to the weighted policy score.
+    two = torch.cat([policy, policy, prm, prm], 0)[None]
+    assert torch.equal(Pad(w=2.0, k=5, min_p=0.15).combine(two, torch.tensor([1.0, 3.0])), floored)
+
+
+def test_min_p_near_one_is_greedy_policy(pad_aligner):
+    """Only the policy's favourite survives the floor: PAD decodes what ``pref`` decodes."""
+    pad = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12, w=5.0, min_p=0.999)
+    pref = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pref", template="pad", max_new_tokens=12)
+    assert [r.token_ids for r in pad] == [r.token_ids for r in pref]
+    plain = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12, w=5.0)
+    assert [r.token_ids for r in plain] != [r.token_ids for r in pref]  # the reward does act without it
+
+
 def test_parameters_aliases_and_validation():
     assert make_method("pad") == Pad(w=1.6, k=10)  # tuned for the shipped PRM (docs/prm.md)
     assert make_method("pad", rm_weight=1.5, topk=5) == Pad(w=1.5, k=5)
     assert make_method("pad", w=1) == Pad(w=1.0)
-    for bad in ({"k": 0}, {"k": 2.5}, {"w": -0.1}, {"w": float("nan")}):
+    assert make_method("pad", min_p=0.1) == Pad(min_p=0.1)
+    for bad in ({"k": 0}, {"k": 2.5}, {"w": -0.1}, {"w": float("nan")}, {"min_p": 1.0}, {"min_p": -0.1}):
         with pytest.raises(PrefalignError) as info:
             make_method("pad", **bad)
         assert info.value.field in bad
@@ -472,13 +501,13 @@ def test_cli_pad_with_a_prm_path_and_w(tiny_llama, tokenizer, tmp_path):
     path = prm_api.save_prm(_trained_looking_prm(tiny_llama), tmp_path / "prm", tokenizer,
                             base_model_name="tiny-llama", preferences=["pad:humor"])
     args = ["generate", "Hi there", "-p", "pad:humor", "--method", "pad", "-n", "8", "--json", "--model", str(model_dir), "--fast", "off"]
-    result = CliRunner().invoke(app, [*args, "--prm", str(path), "--w", "1.2"])
+    result = CliRunner().invoke(app, [*args, "--prm", str(path), "--w", "1.2", "--param", "min_p=0.05"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     al = Aligner(tiny_llama, tokenizer)
     al.load_prm(path)
-    expected = al.generate("Hi there", preference="pad:humor", method="pad", max_new_tokens=8, w=1.2)[0]
+    expected = al.generate("Hi there", preference="pad:humor", method="pad", max_new_tokens=8, w=1.2, min_p=0.05)[0]
     assert data["token_ids"] == expected.token_ids
-    assert data["params"] == {"w": 1.2, "k": 10}
+    assert data["params"] == {"w": 1.2, "k": 10, "min_p": 0.05}
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and "--prm" in missing.output

@@ -27,6 +27,13 @@ no PRM was trained on (sweep 0.8–4.0, docs/prm.md): larger weights win more of
 the proxy judges but drift off topic (relevance to the prompt falls, perplexity under
 the base model rises). ``w = 0`` is plain top-``k`` decoding of the policy.
 
+**Plausibility floor** ``min_p`` (prefalign's extension, default 0 = the paper's rule).
+Top-``k`` alone lets the reward promote a candidate the policy gives 0.1 % when its
+favourite has 90 %. With ``min_p > 0`` a candidate must also have at least ``min_p``
+times the probability of the policy's favourite (transformers' ``min_p`` rule, as in
+contrastive decoding's plausibility constraint, Li et al. 2023), which bounds how far
+the reward can pull the answer from fluent text.
+
 **Several preferences.** Two ways, documented in docs:
 
 * *Joined principles (the paper's way):* one preference whose text names them all,
@@ -59,11 +66,12 @@ PRM under the ``"prm"`` key (``Aligner.add_model``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .method import POLICY, ContextRole, Method, count, positive, weighted_mean
+from .method import POLICY, ContextRole, Method, count, fraction, positive, weighted_mean
 
 #: Engine key of the personalised reward model.
 PRM = "prm"
@@ -82,16 +90,25 @@ PAPER_WEIGHTS: dict[str, dict[str, float]] = {
 }
 
 
-def pad_scores(base: torch.Tensor, policy: torch.Tensor, prm: torch.Tensor, weights: torch.Tensor, w: float, k: int) -> torch.Tensor:
+def pad_scores(
+    base: torch.Tensor,
+    policy: torch.Tensor,
+    prm: torch.Tensor,
+    weights: torch.Tensor,
+    w: float,
+    k: int,
+    min_p: float = 0.0,
+) -> torch.Tensor:
     """PAD's combined scores.
 
     ``base``: ``[n, V]`` policy scores whose top-``k`` are the candidates;
     ``policy``/``prm``: ``[n, P, V]`` log-probs of the policy and the PRM under each
-    preference; ``weights``: ``[P]`` positive. Returns ``[n, V]``, −inf off the candidates.
+    preference; ``weights``: ``[P]`` positive. ``min_p`` > 0 also drops candidates whose
+    policy probability is below ``min_p`` times the top candidate's. Returns ``[n, V]``,
+    −inf off the candidates.
     """
     k = min(int(k), base.shape[-1])
-    top = base.topk(k, dim=-1).indices  # [n, k]
-    base_k = base.gather(-1, top)
+    base_k, top = base.topk(k, dim=-1)  # [n, k], sorted: column 0 is the policy's favourite
     index = top[:, None, :].expand(-1, policy.shape[1], -1)
     policy_k = policy.gather(-1, index)
     prm_k = prm.gather(-1, index).to(policy_k.dtype)
@@ -103,8 +120,15 @@ def pad_scores(base: torch.Tensor, policy: torch.Tensor, prm: torch.Tensor, weig
     else:
         share = (weights / weights.sum()).to(reward.dtype)
         total = torch.einsum("npk,p->nk", reward, share)
+    combined = base_k + w * total
+    if min_p > 0:
+        # Rewards only differ by a per-row constant between candidate sets (the
+        # log-softmax normaliser), so dropping candidates after scoring is the same as
+        # scoring over the smaller set.
+        implausible = base_k < base_k[:, :1] + math.log(min_p)
+        combined = combined.masked_fill(implausible, float("-inf"))
     scores = torch.full_like(base, float("-inf"))
-    return scores.scatter(-1, top, base_k + w * total)
+    return scores.scatter(-1, top, combined)
 
 
 @dataclass(frozen=True)
@@ -121,10 +145,12 @@ class Pad(Method):
     default_template = "pad"
     w: float = 1.6
     k: int = 10
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         positive("w", self.w, allow_zero=True)
         count("k", self.k, maximum=1000)
+        fraction("min_p", self.min_p)
 
     @property
     def extra_models(self) -> tuple[str, ...]:
@@ -140,4 +166,4 @@ class Pad(Method):
     def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_prefs = logprobs.shape[1] // 2
         policy, prm = logprobs[:, :n_prefs], logprobs[:, n_prefs:]
-        return pad_scores(weighted_mean(policy, weights), policy, prm, weights, float(self.w), self.k)
+        return pad_scores(weighted_mean(policy, weights), policy, prm, weights, float(self.w), self.k, float(self.min_p))

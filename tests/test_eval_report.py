@@ -75,6 +75,21 @@ def test_win_rates_ties_and_exclusions():
     assert _row_of(md, "Win rate against `pref`", "concise") == ["concise", "0.00 [0.00, 0.00]", "1.00 [1.00, 1.00] †1"]
 
 
+def test_length_judge_ties_two_answers_cut_at_the_budget():
+    rows = _rows()
+    for r in rows:
+        if r["preference"] == "concise" and r["variant"] in ("pref", "amulet") and r["prompt_id"] in ("p0", "p1"):
+            r["finish_reason"] = "length"  # both cut on p0 and p1: amulet's shorter count means nothing
+        if r["preference"] == "formal" and r["variant"] in ("pref", "amulet"):
+            r["finish_reason"] = "length"  # not a length judge: the scores still decide
+    a = analyse(rows)
+    w = a.wins["pref"][("concise", "amulet")]
+    assert (w.rate, w.n) == (pytest.approx((0.5 + 0.5 + 1.0) / 3), 3)  # p3 collapsed, excluded
+    assert a.wins["pref"][("formal", "amulet")].rate == pytest.approx(0.125)
+    # Only one of the two cut: the comparison stands (pref vs base on p0: 30 < 40 words).
+    assert a.wins["base"][("concise", "pref")].rate == 1.0
+
+
 def test_fluency_speed_and_collapse_tables():
     a = analyse(_rows())
     assert a.fluency["base"]["answers"] == 4  # shared base answers counted once

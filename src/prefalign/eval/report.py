@@ -89,6 +89,24 @@ def win_outcome(score: float, reference: float, direction: int) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
 
 
+#: Judges that score an answer's length. An answer cut at ``max_new_tokens`` would have
+#: gone on, so its length is only a lower bound (right-censored).
+LENGTH_JUDGES = frozenset({"length_words"})
+
+
+def both_cut_by_length(row: dict[str, Any], reference: dict[str, Any]) -> bool:
+    """True when a length judge compares two answers that both hit the token budget.
+
+    Their word counts then differ only by words per token, not by how long either
+    answer wanted to be, so the pair counts as a tie.
+    """
+    return (
+        row.get("judge") in LENGTH_JUDGES
+        and row.get("finish_reason") == "length"
+        and reference.get("finish_reason") == "length"
+    )
+
+
 # --- Analysis ------------------------------------------------------------------------
 
 
@@ -202,7 +220,10 @@ def _win_rate(
         if not include_collapsed and (r["collapsed"] or ref["collapsed"]):
             excluded += 1
             continue
-        outcomes.append(win_outcome(float(r["score"]), float(ref["score"]), int(r.get("direction", 1))))
+        if both_cut_by_length(r, ref):
+            outcomes.append(0.5)
+        else:
+            outcomes.append(win_outcome(float(r["score"]), float(ref["score"]), int(r.get("direction", 1))))
         clusters.append((r["dataset"], r["prompt_id"]))
     if not outcomes:
         return WinRate(math.nan, math.nan, math.nan, 0, excluded)
@@ -594,7 +615,8 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
             "",
             f"Share of prompts where the method's answer beats `{ref}`'s answer to the same prompt under the same "
             "preference, by the preference's judge (ties count half), with a 95% bootstrap interval over prompts. "
-            "Pairs where either answer collapsed are left out (†k: k pairs). 0.5 = no effect.",
+            "Pairs where either answer collapsed are left out (†k: k pairs). For length judges, two answers that "
+            "both hit the token budget tie (neither's full length is known). 0.5 = no effect.",
             "",
             *win_table(a, ref),
         ]

@@ -182,7 +182,7 @@ def test_parameters_aliases_and_validation():
     assert make_method("pad", rm_weight=1.5, topk=5) == Pad(w=1.5, k=5)
     assert make_method("pad", w=1) == Pad(w=1.0)
     assert make_method("pad", min_p=0.1) == Pad(min_p=0.1)
-    for bad in ({"k": 0}, {"k": 2.5}, {"w": -0.1}, {"w": float("nan")}, {"min_p": 1.0}, {"min_p": -0.1}):
+    for bad in ({"k": 0}, {"k": 2.5}, {"w": -0.1}, {"w": float("nan")}, {"min_p": 1.0}, {"min_p": -0.1}, {"candidate_template": "chatml"}):
         with pytest.raises(PrefalignError) as info:
             make_method("pad", **bad)
         assert info.value.field in bad
@@ -231,6 +231,37 @@ def test_engine_equals_uncached_reference(pad_aligner):
         expected = reference_generate(al.engine.models, requests, al.engine.eos_token_ids, al.tokenizer.pad_token_id)
         got = [r.token_ids for r in al.engine.generate(requests)]
         assert got == expected
+
+
+def test_candidate_template_same_as_request_is_the_two_context_rule(pad_aligner):
+    """A third context identical to the first changes nothing: same tokens, exactly."""
+    for pref in ("pad:humor", [("pad:helpful", 1.0), ("pad:humor", 0.5)]):
+        two = pad_aligner.generate(PROMPTS, preference=pref, method="pad", max_new_tokens=14, w=1.5)
+        three = pad_aligner.generate(PROMPTS, preference=pref, method="pad", max_new_tokens=14, w=1.5, candidate_template="pad")
+        assert [r.token_ids for r in three] == [r.token_ids for r in two]
+
+
+def test_candidate_template_contexts_and_zero_reward(same_prm, pad_aligner):
+    request = same_prm.build_request(PROMPTS[2], "pad:humor", "pad", max_new_tokens=4, candidate_template="default")
+    assert [m for m, _ in request.contexts] == ["policy", "prm", "policy"]
+    assert request.contexts[0][1] == request.contexts[1][1]  # the reward's two contexts: the guideline prompt
+    assert request.contexts[2][1] == same_prm.encode_context(PROMPTS[2], "pad:humor", template="default")
+    assert request.primary == 2
+    # The evaluation scores perplexity after the base context of the template the answer continues.
+    from prefalign.eval.runner import _answer_template
+
+    assert _answer_template(request, "pad") == "default"
+    assert _answer_template(same_prm.build_request(PROMPTS[2], "pad:humor", "pad", max_new_tokens=4), "pad") == "pad"
+    # PRM == policy: zero reward, so PAD decodes what the policy says through the default template.
+    pad = same_prm.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=14, w=2.0, candidate_template="default")
+    pref = same_prm.generate(PROMPTS, preference="pad:humor", method="pref", max_new_tokens=14)
+    assert [r.token_ids for r in pad] == [r.token_ids for r in pref]
+    # With a real reward: the engine equals the uncached reference loop.
+    al = pad_aligner
+    for pref in ("pad:humor", [("pad:helpful", 1.0), ("pad:humor", 0.5)]):
+        requests = [al.build_request(p, pref, "pad", max_new_tokens=12, w=1.5, candidate_template="default") for p in PROMPTS]
+        expected = reference_generate(al.engine.models, requests, al.engine.eos_token_ids, al.tokenizer.pad_token_id)
+        assert [r.token_ids for r in al.engine.generate(requests)] == expected
 
 
 def test_reward_changes_the_answer(pad_aligner):
@@ -431,6 +462,10 @@ def test_fused_batch_invariance_and_other_methods_alongside(tiny_llama, tokenize
     alone = [al.generate(p, preference="pad:humor", method="pad", max_new_tokens=14)[0].token_ids for p in PROMPTS]
     together = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=14)]
     assert together == alone
+    # Three contexts per prompt (two of them policy rows) through the fused pass.
+    three = dict(preference="pad:humor", method="pad", max_new_tokens=14, candidate_template="default")
+    alone3 = [al.generate(p, **three)[0].token_ids for p in PROMPTS]
+    assert [r.token_ids for r in al.generate(PROMPTS, **three)] == alone3
     requests = [
         al.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=10),
         al.build_request(PROMPTS[2], "pad:humor", "pad", max_new_tokens=14),
@@ -508,6 +543,6 @@ def test_cli_pad_with_a_prm_path_and_w(tiny_llama, tokenizer, tmp_path):
     al.load_prm(path)
     expected = al.generate("Hi there", preference="pad:humor", method="pad", max_new_tokens=8, w=1.2, min_p=0.05)[0]
     assert data["token_ids"] == expected.token_ids
-    assert data["params"] == {"w": 1.2, "k": 10, "min_p": 0.05}
+    assert data["params"] == {"w": 1.2, "k": 10, "min_p": 0.05, "candidate_template": None}
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and "--prm" in missing.output

@@ -221,7 +221,7 @@ class Aligner:
         contexts = []
         for role in rule.roles(len(preferences)):
             text = None if role.preference is None else preferences[role.preference].text
-            contexts.append((role.model, encode_context(self.tokenizer, chat, text, template)))
+            contexts.append((role.model, encode_context(self.tokenizer, chat, text, role.template or template)))
         return contexts
 
     # -- generation -----------------------------------------------------------------------

@@ -118,6 +118,12 @@ def _parse_value(text: str) -> Any:
         return t
 
 
+def _answer_template(request: Any, template: str) -> str:
+    """The template of the context whose prompt ``request``'s answer continues."""
+    role = request.method.roles(len(request.weights))[request.primary]
+    return role.template or template
+
+
 def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
     """``"amulet.alpha=0.5,1,2,4"`` → ``("amulet", "alpha", [0.5, 1, 2, 4])``.
 
@@ -457,24 +463,30 @@ class BatchExecutor:
                 result = al.engine.pop_result(delta.request_id)
                 if result is None:
                     continue
-                gen, _ = by_id[delta.request_id]
+                gen, request = by_id[delta.request_id]
                 elapsed = time.perf_counter() - started
-                emit(gen, self.rows(batch, gen, result, template, elapsed))
+                emit(gen, self.rows(batch, gen, result, template, elapsed, answer_template=_answer_template(request, template)))
         finally:
             # Interrupted (Ctrl-C, an error in emit): leave no rows behind in the engine.
             for r in requests:
                 al.engine.cancel(r.request_id)
                 al.engine.pop_result(r.request_id)
 
-    def rows(self, batch: Batch, gen: Generation, result: Any, template: str, elapsed: float) -> list[dict[str, Any]]:
-        """The results rows of one finished generation."""
+    def rows(
+        self, batch: Batch, gen: Generation, result: Any, template: str, elapsed: float, *, answer_template: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The results rows of one finished generation.
+
+        ``answer_template``: the template of the context the answer continues, when the
+        method renders that one differently from the request (PAD's ``candidate_template``).
+        """
         from .guards import guard_report, perplexity
 
         al = self.aligner
         # Perplexity of the answer under the model, given the *base* context (no
-        # preference) of the same template: how natural the answer is as a reply to
-        # the prompt, whichever method produced it.
-        base_ids = al.encode_context(gen.prompt, None, template=template)
+        # preference) of the template the answer continues: how natural the answer is
+        # as a reply to the prompt, whichever method produced it.
+        base_ids = al.encode_context(gen.prompt, None, template=answer_template or template)
         ppl = perplexity(al.model, al.tokenizer, [(base_ids, result.token_ids)])[0] if result.token_ids else None
         guards = guard_report(result.text, finish_reason=result.finish_reason, perplexity=ppl).as_dict()
         # The verdict here lacks the perplexity-ratio rule (it needs the base answer of

@@ -26,11 +26,13 @@ class ContextRole:
 
     ``preference`` is the index of the preference shown in it, or None for the base
     context (no preference). ``model`` names the model that reads it (``"policy"``, or
-    a reward model's key such as ``"prm"``).
+    a reward model's key such as ``"prm"``). ``template`` renders this context with a
+    given chat template instead of the request's (None: the request's).
     """
 
     preference: int | None
     model: str = POLICY
+    template: str | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,19 @@ which bounds how far the reward can pull the answer from fluent text. On 32
 development prompts with the shipped PRM, 0.2 kept PAD's win rate and lowered its
 perplexity (docs/prm.md); larger floors cost effect.
 
+**Candidates from another prompt** ``candidate_template`` (prefalign's extension,
+default None = the paper's rule). PAD's guideline prompt changes what the policy says
+even without a reward (on the embedded model its answers are already 33 % less likely
+under the base context than the default template's). With ``candidate_template="default"``
+the candidates and the ``policy_logit`` term come from a third context, the policy
+reading the same preference through that template (what method ``pref`` decodes), while
+the reward still compares the PRM with the policy under the guideline prompt, as in
+the PRM's DPO training::
+
+    score(y) = policy_default(y) + w · r_pad(y)     for y in top-k(policy_default)
+
+It costs one more context per preference (3 rows per prompt instead of 2).
+
 **Several preferences.** Two ways, documented in docs:
 
 * *Joined principles (the paper's way):* one preference whose text names them all,
@@ -73,6 +86,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import PrefalignError
+from ..prompts import TEMPLATES
 from .method import POLICY, ContextRole, Method, count, fraction, positive, weighted_mean
 
 #: Engine key of the personalised reward model.
@@ -149,11 +164,18 @@ class Pad(Method):
     w: float = 1.6
     k: int = 10
     min_p: float = 0.2
+    candidate_template: str | None = None
 
     def __post_init__(self) -> None:
         positive("w", self.w, allow_zero=True)
         count("k", self.k, maximum=1000)
         fraction("min_p", self.min_p)
+        if self.candidate_template is not None and self.candidate_template not in TEMPLATES:
+            raise PrefalignError(
+                f"candidate_template must be one of {', '.join(TEMPLATES)} (or unset for the paper's rule), "
+                f"got {self.candidate_template!r}",
+                field="candidate_template",
+            )
 
     @property
     def extra_models(self) -> tuple[str, ...]:
@@ -161,12 +183,19 @@ class Pad(Method):
 
     def roles(self, n_preferences: int) -> list[ContextRole]:
         n = max(n_preferences, 1)
-        return [ContextRole(i, POLICY) for i in range(n)] + [ContextRole(i, PRM) for i in range(n)]
+        roles = [ContextRole(i, POLICY) for i in range(n)] + [ContextRole(i, PRM) for i in range(n)]
+        if self.candidate_template is not None:
+            roles += [ContextRole(i, POLICY, template=self.candidate_template) for i in range(n)]
+        return roles
 
     def primary_context(self, n_preferences: int) -> int:
-        return 0  # the policy's context (of the first preference)
+        # The context whose candidates the answer is made of (of the first preference).
+        return 2 * max(n_preferences, 1) if self.candidate_template is not None else 0
 
     def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n_prefs = logprobs.shape[1] // 2
-        policy, prm = logprobs[:, :n_prefs], logprobs[:, n_prefs:]
-        return pad_scores(weighted_mean(policy, weights), policy, prm, weights, float(self.w), self.k, float(self.min_p))
+        n_prefs = weights.shape[0]
+        policy, prm = logprobs[:, :n_prefs], logprobs[:, n_prefs : 2 * n_prefs]
+        proposer = logprobs[:, 2 * n_prefs :] if self.candidate_template is not None else policy
+        return pad_scores(
+            weighted_mean(proposer, weights), policy, prm, weights, float(self.w), self.k, float(self.min_p)
+        )

@@ -63,6 +63,7 @@ PROMPTS = [
     "Summarise the plot of Hamlet in a few sentences.",
 ]
 PREFERENCE = "pad:helpful+harmless"
+CANDIDATES_DEFAULT = "pad, fused, candidates from default template"
 
 
 class _AdaptersOff(torch.nn.Module):
@@ -146,26 +147,29 @@ def main() -> None:
                 fastpath.optimize_for_cpu(m)
     print(f"PRM: {prm_source}\nfast path: {fast_report}", flush=True)
 
-    aligners: dict[str, tuple[Aligner, str]] = {}
+    # name → (aligner, method, generate kwargs); "base" is the policy alone on PAD's prompt.
+    aligners: dict[str, tuple[Aligner, str, dict[str, Any]]] = {}
     base = Aligner(policy, tokenizer)
-    aligners["base"] = (base, "pref")
+    aligners["base"] = (base, "pref", {"template": "pad"})
     if unmerged is not None:
         from prefalign.pad_fused import FusedPadModel
 
         fused = Aligner(policy, tokenizer)
         fused.add_model(PRM, FusedPadModel(policy, unmerged))
-        aligners["pad, one pass (fused)"] = (fused, "pad")
+        aligners["pad, one pass (fused)"] = (fused, "pad", {})
+        # A different rule (a third context proposes the candidates): its own tokens.
+        aligners[CANDIDATES_DEFAULT] = (fused, "pad", {"candidate_template": "default"})
     two = Aligner(policy, tokenizer)
     two.add_model(PRM, merged)
-    aligners["pad, two passes (merged PRM)"] = (two, "pad")
+    aligners["pad, two passes (merged PRM)"] = (two, "pad", {})
     if unmerged is not None:
         lora = Aligner(policy, tokenizer)
         lora.add_model(PRM, unmerged)
-        aligners["pad, two passes (LoRA PRM)"] = (lora, "pad")
+        aligners["pad, two passes (LoRA PRM)"] = (lora, "pad", {})
         toggled = Aligner(policy, tokenizer)
         toggled.engine.models["policy"] = _AdaptersOff(unmerged)
         toggled.add_model(PRM, unmerged)
-        aligners["pad, one module, adapters toggled"] = (toggled, "pad")
+        aligners["pad, one module, adapters toggled"] = (toggled, "pad", {})
 
     if args.only:
         aligners = {k: v for k, v in aligners.items() if k == "base" or any(o in k for o in args.only)}
@@ -173,12 +177,11 @@ def main() -> None:
     tokens_seen: dict[tuple[str, int], list[list[int]]] = {}
     for batch in args.batch:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        for name, (al, method) in aligners.items():  # warm-up
-            _timed_generate(al, prompts, method, 3, **({"template": "pad"} if method == "pref" else {}))
+        for name, (al, method, kwargs) in aligners.items():  # warm-up
+            _timed_generate(al, prompts, method, 3, **kwargs)
         best: dict[str, tuple[float, float]] = {}
         for _ in range(args.repeats):
-            for name, (al, method) in aligners.items():
-                kwargs = {"template": "pad"} if method == "pref" else {}
+            for name, (al, method, kwargs) in aligners.items():
                 total, decode, toks = _timed_generate(al, prompts, method, args.max_new_tokens, **kwargs)
                 tokens_seen[(name, batch)] = toks
                 old = best.get(name, (float("inf"), float("inf")))
@@ -217,6 +220,8 @@ def main() -> None:
         ratios[f"pad_over_base_b{batch}"] = round(ms(default, batch) / ms("base", batch), 3)
         if default != "pad, two passes (merged PRM)" and any(r["config"] == "pad, two passes (merged PRM)" for r in rows):
             ratios[f"pad_two_passes_over_base_b{batch}"] = round(ms("pad, two passes (merged PRM)", batch) / ms("base", batch), 3)
+        if any(r["config"] == CANDIDATES_DEFAULT for r in rows):
+            ratios[f"pad_default_candidates_over_base_b{batch}"] = round(ms(CANDIDATES_DEFAULT, batch) / ms("base", batch), 3)
         ratios[f"uncached_pad_over_pad_b{batch}"] = round(ms("uncached reference, pad", batch) / ms(default, batch), 3)
         ratios[f"uncached_pad_over_uncached_base_b{batch}"] = round(
             ms("uncached reference, pad", batch) / ms("uncached reference, base", batch), 3)
@@ -224,7 +229,7 @@ def main() -> None:
         """Per PAD configuration and batch: prompts whose tokens equal ``reference``'s."""
         return {
             f"{name} b{b}": f"{sum(x == y for x, y in zip(tokens_seen[(reference, b)], tokens_seen[(name, b)]))}/{b}"
-            for b in args.batch for name in aligners if name not in ("base", reference)
+            for b in args.batch for name in aligners if name not in ("base", reference, CANDIDATES_DEFAULT)
         }
 
     same = agreement("base")

@@ -463,7 +463,7 @@ def test_fused_batch_invariance_and_other_methods_alongside(tiny_llama, tokenize
     together = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=14)]
     assert together == alone
     # Three contexts per prompt (two of them policy rows) through the fused pass.
-    three = dict(preference="pad:humor", method="pad", max_new_tokens=14, candidate_template="default")
+    three = {"preference": "pad:humor", "method": "pad", "max_new_tokens": 14, "candidate_template": "default"}
     alone3 = [al.generate(p, **three)[0].token_ids for p in PROMPTS]
     assert [r.token_ids for r in al.generate(PROMPTS, **three)] == alone3
     requests = [

@@ -88,7 +88,15 @@ import torch
 
 from ..errors import PrefalignError
 from ..prompts import TEMPLATES
-from .method import POLICY, ContextRole, Method, count, fraction, positive, weighted_mean
+from .method import (
+    POLICY,
+    ContextRole,
+    Method,
+    count,
+    fraction,
+    positive,
+    weighted_mean,
+)
 
 #: Engine key of the personalised reward model.
 PRM = "prm"

@@ -440,12 +440,9 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
 
         prm = load_prm_for_training(config.init_from, policy, tokenizer)
     else:
-        layers = None
-        if config.lora_top_layers:
-            n_layers = int(policy.config.num_hidden_layers)
-            layers = list(range(max(0, n_layers - config.lora_top_layers), n_layers))
         prm = build_prm(
-            policy, lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules, layers=layers
+            policy, lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+            layers=_top_layers(policy, config.lora_top_layers),
         )
     params = prm.trainable_parameters()
     linear_params = [prm.linear.weight]
@@ -656,6 +653,14 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
     return report
 
 
+def _top_layers(policy: Any, count: int | None) -> list[int] | None:
+    """Indices of the policy's top ``count`` decoder blocks (None or 0: all blocks → None)."""
+    if not count:
+        return None
+    n_layers = int(policy.config.num_hidden_layers)
+    return list(range(max(0, n_layers - int(count)), n_layers))
+
+
 def prm_from_checkpoint(checkpoint: Path | str, policy: Any, *, lora_r: int | None = None) -> PersonalizedRewardModel:
     """Rebuild the PRM of a training checkpoint (e.g. to try an unfinished run)."""
     ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
@@ -663,13 +668,9 @@ def prm_from_checkpoint(checkpoint: Path | str, policy: Any, *, lora_r: int | No
         prm = build_from_layout(policy, ckpt["lora_layout"])
     else:  # checkpoints written before the layout was stored
         cfg = ckpt.get("config", {})
-        layers = None
-        if cfg.get("lora_top_layers"):
-            n_layers = int(policy.config.num_hidden_layers)
-            layers = list(range(max(0, n_layers - int(cfg["lora_top_layers"])), n_layers))
         prm = build_prm(
             policy, lora_r=int(lora_r or cfg.get("lora_r", 8)), lora_alpha=int(cfg.get("lora_alpha", 16)),
-            target_modules=cfg.get("target_modules"), layers=layers,
+            target_modules=cfg.get("target_modules"), layers=_top_layers(policy, cfg.get("lora_top_layers")),
         )
     _load_trainable_state(prm, ckpt["trainable"])
     for p in prm.parameters():

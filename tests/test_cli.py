@@ -82,13 +82,19 @@ def test_make_pairs_and_train_prm_commands(model_dir, tiny_llama, tokenizer, sha
     result = runner.invoke(app, [
         "make-pairs", "--output", str(out), "--model", model_dir, "--preferences", "concise,verbose",
         "--num-prompts", "2", "--skip", "3", "--max-new-tokens", "6", "--on-policy", "pad", "--prm", str(first),
-        "--data-dir", str(shared_data),
+        "--on-policy-param", "candidate_template=default", "--on-policy-param", "w=2.4", "--on-policy-pairs",
+        "--greedy-pref", "--data-dir", str(shared_data),
     ])
     assert result.exit_code == 0, result.output
     expected_ids = [p.prompt_id for p in training_prompts(shared_data)[3:5]]
     assert out.with_name(out.name + ".done").read_text().split() == expected_ids
     pools = list(read_rows(out.with_name(out.name + ".pools.jsonl")))
-    assert {p["source"] for p in pools} >= {"pad:concise", "pad:verbose", "base"}
+    assert {p["source"] for p in pools} >= {"pad:concise", "pad:verbose", "base", "pref-greedy:concise", "pref-greedy:verbose"}
+    bad = runner.invoke(app, ["make-pairs", "--output", str(tmp_path / "x.jsonl"), "--on-policy", "pad",
+                              "--on-policy-param", "bogus=1", "--data-dir", str(shared_data)])
+    assert bad.exit_code == 2 and "no parameter 'bogus'" in bad.output
+    bad = runner.invoke(app, ["make-pairs", "--output", str(tmp_path / "x.jsonl"), "--on-policy-pairs", "--data-dir", str(shared_data)])
+    assert bad.exit_code == 2 and "need --on-policy" in bad.output
 
     pairs = tmp_path / "train.jsonl"
     pairs.write_text("".join(json.dumps({"preference": p, "prompt": f"Question {i}?", "chosen": c, "rejected": r}) + "\n"

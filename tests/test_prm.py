@@ -553,3 +553,51 @@ def test_train_from_an_earlier_prm(tiny_llama, tokenizer, tmp_path):
                  policy=tiny_llama, tokenizer=tokenizer)
     assert not done["held_out_before"].get("derived") and done["held_out_before"]["margin"] != 0.0
     assert done["hyperparameters"]["init_from"] == str(tmp_path / "first")
+
+
+def test_make_pairs_on_policy_params_pairs_and_greedy_pref(tiny_llama, tokenizer, tmp_path):
+    """--on-policy-param reaches the on-policy method; --on-policy-pairs rejects a clean
+    on-policy answer the judge's best beats by the margin; --greedy-pref adds pref's
+    greedy answers to the pool."""
+    from prefalign import Aligner
+    from prefalign.errors import PrefalignError
+    from prefalign.prm.pairs import PromptRow, read_rows, synthesize_pairs
+
+    aligner = Aligner(tiny_llama, tokenizer)
+    prompts = [PromptRow(f"t#{i}", q) for i, q in enumerate(_TOPICS[:3])]
+    prefs = ("concise", "verbose")
+
+    def greedy(method, **params):
+        return {
+            (p.prompt_id, pref): aligner.engine.generate(
+                [aligner.build_request(p.text, pref, method, max_new_tokens=10, **params)]
+            )[0].text.strip()
+            for p in prompts for pref in prefs
+        }
+
+    la_answers, pref_answers = greedy("la", r=0.5), greedy("pref")
+    assert la_answers != greedy("la")  # r=0.5 must differ from the default r=2 for the test to mean anything
+    out = tmp_path / "pairs.jsonl"
+    margin = 0.5
+    synthesize_pairs(
+        aligner, prompts, out, preferences=prefs, base_samples=2, max_new_tokens=10, prompts_per_batch=3,
+        min_margins={"length_words": margin}, alternates={}, chosen_max_repetition=None,
+        on_policy="la", on_policy_params={"r": 0.5}, on_policy_pairs=True, greedy_pref=True,
+    )
+    pools = list(read_rows(out.with_name(out.name + ".pools.jsonl")))
+    for p in pools:
+        if ":" in p["source"]:
+            kind, pref = p["source"].split(":", 1)
+            expected = la_answers if kind == "la" else pref_answers
+            assert p["text"] == expected[(p["prompt_id"], pref)], p["source"]
+    assert {p["source"].split(":")[0] for p in pools} >= {"la", "pref-greedy"}
+    rows = list(read_rows(out))
+    own = [r for r in rows if r.get("pair") == "on-policy"]
+    assert own, "expected at least one on-policy row with these random answers"
+    for r in own:
+        assert r["rejected"] == la_answers[(r["prompt_id"], r["preference"])]
+        assert r["direction"] * (r["chosen_score"] - r["rejected_score"]) >= margin
+        judged = [x for x in rows if x["prompt_id"] == r["prompt_id"] and x["preference"] == r["preference"] and "pair" not in x]
+        assert all(x["rejected_source"] != r["rejected_source"] for x in judged)  # never the same pair twice
+    with pytest.raises(PrefalignError, match="on_policy"):
+        synthesize_pairs(aligner, prompts, tmp_path / "x.jsonl", preferences=prefs, on_policy_pairs=True)

@@ -46,6 +46,9 @@ def make_pairs(
     chosen_max_repetition: Annotated[float, typer.Option(help="a chosen answer may repeat at most this share of its word 4-grams (1 = no limit)")] = 0.1,
     on_policy: Annotated[str | None, typer.Option(help="also decode each preference greedily with this method (e.g. pad); its collapsed answers become rejected answers")] = None,
     prm: Annotated[Path | None, typer.Option(help="PRM for --on-policy pad (default: the shipped one for the embedded model)")] = None,
+    on_policy_param: Annotated[list[str] | None, typer.Option("--on-policy-param", help="parameter key=value of the --on-policy method, e.g. candidate_template=default (repeatable)")] = None,
+    on_policy_pairs: Annotated[bool, typer.Option(help="a clean on-policy answer that the judge's best answer beats by the margin becomes a rejected answer too")] = False,
+    greedy_pref: Annotated[bool, typer.Option(help="also decode each preference greedily with pref (default template) into the pool")] = False,
 ) -> None:
     """Sample answers from the policy, judge them per preference and write best-vs-worst pairs.
 
@@ -56,11 +59,18 @@ def make_pairs(
     from tqdm import tqdm
 
     from ..aligner import Aligner
+    from ..cli import _parse_params
+    from ..methods import make_method
     from .pairs import synthesize_pairs, training_prompts
 
     torch.set_num_threads(threads)
     prefs = _parse_prefs(preferences)
     try:
+        policy_params = _parse_params(on_policy_param or [])
+        if on_policy:
+            make_method(on_policy, **policy_params)  # a bad name or value fails before the model loads
+        elif policy_params or on_policy_pairs:
+            raise PrefalignError("--on-policy-param and --on-policy-pairs need --on-policy METHOD (e.g. --on-policy pad)", field="on_policy")
         prompts = training_prompts(data_dir, limit=(num_prompts + skip) if num_prompts else None, seed=seed, max_chars=max_prompt_chars)[skip:]
         aligner = Aligner.from_pretrained(model, prm=prm)
         bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr)
@@ -72,6 +82,7 @@ def make_pairs(
                 aligner, prompts, output, preferences=prefs, base_samples=base_samples, temperature=temperature,
                 max_new_tokens=max_new_tokens, prompts_per_batch=prompts_per_batch, seed=seed,
                 margin_scale=margin_scale, resume=resume, progress=bar.update, on_policy=on_policy,
+                on_policy_params=policy_params, on_policy_pairs=on_policy_pairs, greedy_pref=greedy_pref,
                 chosen_max_repetition=chosen_max_repetition if chosen_max_repetition < 1 else None,
                 time_budget_s=time_budget * 60 if time_budget else None,
             )

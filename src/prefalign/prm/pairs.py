@@ -306,6 +306,9 @@ def synthesize_pairs(
     time_budget_s: float | None = None,
     chosen_max_repetition: float | None = 0.1,
     on_policy: str | None = None,
+    on_policy_params: dict[str, Any] | None = None,
+    on_policy_pairs: bool = False,
+    greedy_pref: bool = False,
 ) -> PairStats:
     """Sample answer pools and append judged pairs to ``output`` (JSONL).
 
@@ -318,6 +321,16 @@ def synthesize_pairs(
     becomes an extra row ``{chosen: the judge's best clean answer, rejected: the
     collapsed answer, judge: "collapse"}``. This is one round of on-policy DPO: it
     shows the reward model the loops and template echoes it leads decoding into.
+    ``on_policy_params`` are that method's parameters (e.g. ``{"w": 2.4,
+    "candidate_template": "default"}``). With ``on_policy_pairs``, a *clean* on-policy
+    answer that the judge's best clean answer beats by the judge's margin also becomes
+    the rejected answer of an extra row (``"pair": "on-policy"``), unless the
+    best-vs-worst row already rejects it: the reward model is shown where its own
+    decoding falls short, not only where it loops.
+
+    ``greedy_pref``: also decode each preference greedily with ``pref`` (default
+    template), the answer evaluation compares PAD against; it joins the pool (source
+    ``"pref-greedy:<preference>"``) and is ranked like the samples.
 
     Every sampled answer (collapsed ones with their reason) is appended to
     ``<output>.pools.jsonl``, so pairs can be re-ranked later without re-sampling.
@@ -327,6 +340,9 @@ def synthesize_pairs(
     """
     if not preferences:
         raise PrefalignError("give at least one preference", field="preferences")
+    if (on_policy_params or on_policy_pairs) and not on_policy:
+        raise PrefalignError("on_policy_params and on_policy_pairs need an on_policy method (e.g. 'pad')", field="on_policy")
+    on_policy_params = dict(on_policy_params or {})
     alternates = ALTERNATES if alternates is None else alternates
     collapse = collapse or CollapseFilter()
     margins = {**DEFAULT_MIN_MARGINS, **(min_margins or {})}
@@ -370,8 +386,12 @@ def synthesize_pairs(
                     meta.append((row_index, source, s))
                 if on_policy:
                     for name in names[row_index]:
-                        requests.append(aligner.build_request(row.text, name, on_policy, max_new_tokens=max_new_tokens))
+                        requests.append(aligner.build_request(row.text, name, on_policy, max_new_tokens=max_new_tokens, **on_policy_params))
                         meta.append((row_index, f"{on_policy}:{name}", -1))
+                if greedy_pref:
+                    for name in names[row_index]:
+                        requests.append(aligner.build_request(row.text, name, "pref", max_new_tokens=max_new_tokens))
+                        meta.append((row_index, f"pref-greedy:{name}", -1))
             results = aligner.engine.generate(requests)
             pools: list[list[Candidate]] = [[] for _ in batch]
             collapsed: list[dict[str, Candidate]] = [{} for _ in batch]  # on-policy answers that collapsed, per preference
@@ -413,6 +433,17 @@ def synthesize_pairs(
                         out.write(json.dumps(_pair_record(name, row, judge, candidates[c], candidates[r], scores[c], scores[r]), ensure_ascii=False) + "\n")
                         stats.rows += 1
                         stats.per_preference[name] = stats.per_preference.get(name, 0) + 1
+                    if on_policy_pairs:
+                        own = next((i for i, c in enumerate(candidates) if c.source == f"{on_policy}:{name}"), None)
+                        best = best_candidate(scores, judge.direction, can_choose) if own is not None else None
+                        already = picked is not None and picked[1] == own
+                        if best is not None and not already and judge.direction * (scores[best] - scores[own]) >= margin:
+                            record = _pair_record(name, row, judge, candidates[best], candidates[own], scores[best], scores[own])
+                            record["pair"] = "on-policy"
+                            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            stats.rows += 1
+                            key = f"{name}/on-policy"
+                            stats.per_preference[key] = stats.per_preference.get(key, 0) + 1
                     loop = collapsed[row_index].get(name)
                     best = best_candidate(scores, judge.direction, can_choose) if loop is not None else None
                     if best is not None:

@@ -601,3 +601,15 @@ def test_make_pairs_on_policy_params_pairs_and_greedy_pref(tiny_llama, tokenizer
         assert all(x["rejected_source"] != r["rejected_source"] for x in judged)  # never the same pair twice
     with pytest.raises(PrefalignError, match="on_policy"):
         synthesize_pairs(aligner, prompts, tmp_path / "x.jsonl", preferences=prefs, on_policy_pairs=True)
+
+
+def test_train_without_held_out_split(tiny_llama, tokenizer, tmp_path):
+    """held_out=0 (or data from a single prompt) trains and reports an empty held-out set
+    instead of dividing by zero."""
+    data = _write_rows(tmp_path / "pairs.jsonl", _synthetic_rows())
+    report = train(TrainConfig(data=data, output=tmp_path / "p", epochs=1, batch_size=4, bf16=False, progress=False,
+                               held_out=0.0, lora_top_layers=1, lr=1e-2), policy=tiny_llama, tokenizer=tokenizer)
+    assert report["status"] == "done"
+    assert report["held_out_before"]["pairs"] == 0 and report["held_out_after"] == {"pairs": 0}
+    assert report["policy_likelihood_baseline"] == {"pairs": 0}
+    assert (tmp_path / "p" / "prm_config.json").is_file()

@@ -285,6 +285,8 @@ def _summarise(margins: Sequence[tuple[str, float]], loss: float | None = None) 
             "margin": round(sum(ms) / len(ms), 4),
         }
 
+    if not margins:  # no held-out split (held_out=0, or a single prompt)
+        return {"pairs": 0}
     out: dict[str, Any] = stats([m for _, m in margins])
     if loss is not None:
         out["loss"] = round(loss, 4)

@@ -546,3 +546,24 @@ def test_cli_pad_with_a_prm_path_and_w(tiny_llama, tokenizer, tmp_path):
     assert data["params"] == {"w": 1.2, "k": 10, "min_p": 0.05, "candidate_template": None}
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and "--prm" in missing.output
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pad_reads_the_preference_through_the_prms_template(tiny_llama, tokenizer, tmp_path, fused):
+    """A PRM trained in the default template is read in it unless the request names another."""
+    from prefalign.prm import build_prm, save_prm
+    from prefalign.prompts import encode_context, to_chat
+
+    save_prm(build_prm(tiny_llama, layers=[1]), tmp_path / "p", tokenizer, base_model_name="tiny",
+             preferences=["concise"], template="default")
+    al = Aligner(tiny_llama, tokenizer)
+    with pytest.raises(PrefalignError, match="--prm"):
+        al.template_for("pad")  # no PRM loaded and none shipped for this model
+    al.load_prm(tmp_path / "p", fused=fused)
+    assert al.prm_template == "default" and al.template_for("pad") == "default" and al.template_for("pref") == "default"
+    assert al.template_for("amulet") == make_method("amulet").default_template
+    text = "Your answer must be concise."
+    req = al.build_request("Hi", text, "pad")
+    assert [ids for _, ids in req.contexts] == [encode_context(tokenizer, to_chat("Hi"), text, "default")] * 2
+    explicit = al.build_request("Hi", text, "pad", template="pad")
+    assert explicit.contexts[0][1] == encode_context(tokenizer, to_chat("Hi"), text, "pad")

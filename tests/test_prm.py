@@ -613,3 +613,22 @@ def test_train_without_held_out_split(tiny_llama, tokenizer, tmp_path):
     assert report["held_out_before"]["pairs"] == 0 and report["held_out_after"] == {"pairs": 0}
     assert report["policy_likelihood_baseline"] == {"pairs": 0}
     assert (tmp_path / "p" / "prm_config.json").is_file()
+
+
+def test_train_in_another_template(tiny_llama, tokenizer, tmp_path):
+    """--template renders the pairs in that template and records it in prm_config.json."""
+    from prefalign.prm.data import encode_pairs
+    from prefalign.prm.io import read_prm_config
+    from prefalign.prompts import encode_context, to_chat
+
+    rows = _synthetic_rows()
+    examples, _ = encode_pairs(rows[:1], tokenizer, template="default")
+    text = examples[0].preference_text
+    assert examples[0].prompt_ids == encode_context(tokenizer, to_chat(rows[0]["prompt"]), text, "default")
+    assert examples[0].prompt_ids != encode_context(tokenizer, to_chat(rows[0]["prompt"]), text, "pad")
+    data = _write_rows(tmp_path / "pairs.jsonl", rows)
+    report = train(TrainConfig(data=data, output=tmp_path / "p", epochs=1, batch_size=4, bf16=False, progress=False,
+                               held_out=0.2, lora_top_layers=1, stop_after_steps=None, template="default"),
+                   policy=tiny_llama, tokenizer=tokenizer)
+    assert report["hyperparameters"]["template"] == "default"
+    assert read_prm_config(tmp_path / "p")["template"] == "default"

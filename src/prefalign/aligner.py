@@ -49,6 +49,8 @@ class Aligner:
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.engine = Engine({POLICY: model, **(reward_models or {})}, self.tokenizer)
         self.fast_path: Any = None
+        #: The template the loaded PRM was trained in (its prm_config.json), if known.
+        self.prm_template: str | None = None
 
     # -- construction -----------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Aligner:
                     field="prm",
                 ) from exc
         reward_model = prm_api.load_prm(path, self.model, self.tokenizer, merge=not fused)
+        template = reward_model.prm_config.get("template")
         if fused:
             # One forward per step over the policy's and the PRM's rows (benchmarks/pad_speed.py).
             from .pad_fused import FusedPadModel
@@ -140,7 +143,22 @@ class Aligner:
         elif getattr(self.fast_path, "active", False):
             _apply_fast_path(reward_model, "auto")
         self.add_model(PRM, reward_model)
+        self.prm_template = template
         return reward_model
+
+    def template_for(self, method: str | Method) -> str:
+        """The template a request for ``method`` uses when none is given.
+
+        A method scored by the PRM reads the preference through the template the PRM was
+        trained in (``prm_config.json``'s ``template``; loading the PRM if needed), since
+        its rewards mean nothing under another prompt; other methods use their own default.
+        """
+        rule = make_method(method) if isinstance(method, str) else method
+        if PRM in rule.extra_models:
+            if PRM not in self.engine.models:
+                self.load_prm()
+            return self.prm_template or rule.default_template
+        return rule.default_template
 
     # -- requests -----------------------------------------------------------------------
 
@@ -179,7 +197,7 @@ class Aligner:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}", field="max_new_tokens")
         chat = to_chat(prompt)
-        template = template or rule.default_template
+        template = template or self.template_for(rule)
         contexts = self._contexts(chat, preferences, rule, template)
         window = self.context_window
         longest = max(len(ids) for _, ids in contexts)

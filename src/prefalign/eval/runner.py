@@ -439,7 +439,7 @@ class BatchExecutor:
         return self._judges[preference]
 
     def _template_for(self, variant: MethodVariant) -> str:
-        return self.template or method_class(variant.method).default_template
+        return self.template or self.aligner.template_for(variant.method)
 
     def run(self, batch: Batch, emit: Callable[[Generation, list[dict[str, Any]]], None]) -> None:
         """Decode ``batch``; call ``emit(generation, rows)`` as each generation finishes."""

@@ -122,6 +122,7 @@ def train_prm(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
     init: Annotated[Path | None, typer.Option(help="start from this trained PRM (a further round on new pairs; its LoRA layout wins)")] = None,
+    template: Annotated[str, typer.Option(help="prompt template the PRM reads the preference through: pad (the paper's guideline prompt) or default")] = "pad",
 ) -> None:
     """Train a personalised reward model with DPO on preference pairs (see docs/prm.md)."""
     import torch
@@ -134,7 +135,7 @@ def train_prm(
         micro_batch=micro_batch, lora_r=lora_r, lora_alpha=lora_alpha, lora_top_layers=lora_top_layers or None, held_out=held_out,
         max_prompt_tokens=max_prompt_tokens, max_answer_tokens=max_answer_tokens, bf16=bf16,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-        time_budget_s=time_budget * 60 if time_budget else None, seed=seed, init_from=init,
+        time_budget_s=time_budget * 60 if time_budget else None, seed=seed, init_from=init, template=template,
         command=" ".join(["prefalign", "train-prm", *sys.argv[2:]]) if len(sys.argv) > 1 else None,
     )
     try:

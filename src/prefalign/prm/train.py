@@ -109,6 +109,9 @@ class TrainConfig:
     #: training on new pairs. The reference stays the policy, so the PRM's reward keeps
     #: its meaning (log π_PRM − log π_policy); the held-out "before" is then measured.
     init_from: Path | str | None = None
+    #: Prompt template the pairs are rendered in (the PRM reads the preference through
+    #: it; recorded in prm_config.json). PAD's paper: the ``pad`` guideline template.
+    template: str = "pad"
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint_dir:
@@ -431,7 +434,8 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
 
     rows = load_pair_rows(config.data)
     examples, dropped = encode_pairs(
-        rows, tokenizer, max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens
+        rows, tokenizer, template=config.template,
+        max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
     )
     train_set, eval_set = split_pairs(examples, config.held_out, config.seed)
     digest = examples_digest(examples)
@@ -629,7 +633,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
             k: str(v) if isinstance(v, Path) else v
             for k, v in asdict(config).items()
             if k in ("beta", "lr", "linear_lr_scale", "lora_top_layers", "group_by_prompt", "epochs", "batch_size", "micro_batch", "lora_r", "lora_alpha", "held_out",
-                     "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay", "max_grad_norm", "init_from")
+                     "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay", "max_grad_norm", "init_from", "template")
         },
         warmup_steps=warmup,
         trainable_parameters=sum(p.numel() for p in params),
@@ -648,7 +652,7 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
 
     save_prm(
         prm, config.output, tokenizer, base_model_name=base_name, preferences=preferences,
-        extra={"training": report}, dtype=config.save_dtype,
+        extra={"training": report}, dtype=config.save_dtype, template=config.template,
     )
     (ckpt_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
     report["output"] = str(config.output)

@@ -255,7 +255,7 @@ class _Translator:
                 raise APIError(400, f"the model's chat template rejected the messages: {exc}", param=prompt_param, code="invalid_value") from exc
             raise
 
-        echo = {"method": rule.name, "template": alignment.template if alignment and alignment.template else rule.default_template}
+        echo = {"method": rule.name, "template": alignment.template if alignment and alignment.template else self.aligner.template_for(rule)}
         echo.update(rule.params())
         preference_echo = (
             [{"text": p.text, "weight": p.weight, "name": p.name} for p in preferences] if rule.needs_preference else None

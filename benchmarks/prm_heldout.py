@@ -58,7 +58,7 @@ def main() -> None:
         policy, tokenizer = load_model(args.model)
         rows = load_pair_rows(pairs)
         examples, _ = encode_pairs(
-            rows, tokenizer,
+            rows, tokenizer, template=str(hp.get("template", config.get("template", "pad"))),
             max_prompt_tokens=int(hp.get("max_prompt_tokens", 160)),
             max_answer_tokens=int(hp.get("max_answer_tokens", 96)),
         )

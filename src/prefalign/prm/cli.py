@@ -118,7 +118,7 @@ def train_prm(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoints (default OUTPUT/../OUTPUT-checkpoints)")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="optimiser steps between checkpoints")] = 10,
     resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = False,
-    time_budget: Annotated[float, typer.Option(help="stop training after this many minutes, then evaluate and save (0 = none)")] = 0.0,
+    time_budget: Annotated[float, typer.Option(help="stop training after this many minutes (the reference pass included), then evaluate and save (0 = none)")] = 0.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 1,
     init: Annotated[Path | None, typer.Option(help="start from this trained PRM (a further round on new pairs; its LoRA layout wins)")] = None,

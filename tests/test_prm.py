@@ -632,3 +632,26 @@ def test_train_in_another_template(tiny_llama, tokenizer, tmp_path):
                    policy=tiny_llama, tokenizer=tokenizer)
     assert report["hyperparameters"]["template"] == "default"
     assert read_prm_config(tmp_path / "p")["template"] == "default"
+
+
+def test_make_pairs_samples_in_the_given_template(tiny_llama, tokenizer, tmp_path):
+    """template= renders the sampled answers' prompts (here greedy, so the answers are known)."""
+    from prefalign import Aligner
+    from prefalign.prm.pairs import PromptRow, read_rows, synthesize_pairs
+
+    aligner = Aligner(tiny_llama, tokenizer)
+    prompts = [PromptRow(f"t#{i}", q) for i, q in enumerate(_TOPICS[:2])]
+
+    def greedy(template):
+        return {(p.prompt_id, pref): aligner.engine.generate(
+            [aligner.build_request(p.text, pref, "pref", template=template, max_new_tokens=8)])[0].text.strip()
+            for p in prompts for pref in ("concise", "verbose")}
+
+    in_default, in_pad = greedy("default"), greedy("pad")
+    assert in_default != in_pad
+    out = tmp_path / "pairs.jsonl"
+    synthesize_pairs(aligner, prompts, out, preferences=("concise", "verbose"), base_samples=0, temperature=0.0,
+                     max_new_tokens=8, alternates={}, template="default")
+    pools = list(read_rows(out.with_name(out.name + ".pools.jsonl")))
+    assert len(pools) == 4
+    assert {(p["prompt_id"], p["source"]): p["text"] for p in pools} == in_default

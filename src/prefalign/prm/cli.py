@@ -49,6 +49,7 @@ def make_pairs(
     on_policy_param: Annotated[list[str] | None, typer.Option("--on-policy-param", help="parameter key=value of the --on-policy method, e.g. candidate_template=default (repeatable)")] = None,
     on_policy_pairs: Annotated[bool, typer.Option(help="a clean on-policy answer that the judge's best answer beats by the margin becomes a rejected answer too")] = False,
     greedy_pref: Annotated[bool, typer.Option(help="also decode each preference greedily with pref (default template) into the pool")] = False,
+    template: Annotated[str, typer.Option(help="template the answers are sampled under: pad (PAD's guideline prompt) or default; match train-prm --template")] = "pad",
 ) -> None:
     """Sample answers from the policy, judge them per preference and write best-vs-worst pairs.
 
@@ -61,6 +62,7 @@ def make_pairs(
     from ..aligner import Aligner
     from ..cli import _parse_params
     from ..methods import make_method
+    from ..prompts import TEMPLATES
     from .pairs import synthesize_pairs, training_prompts
 
     torch.set_num_threads(threads)
@@ -71,6 +73,8 @@ def make_pairs(
             make_method(on_policy, **policy_params)  # a bad name or value fails before the model loads
         elif policy_params or on_policy_pairs:
             raise PrefalignError("--on-policy-param and --on-policy-pairs need --on-policy METHOD (e.g. --on-policy pad)", field="on_policy")
+        if template not in TEMPLATES:
+            raise PrefalignError(f"unknown --template {template!r}; choose one of {', '.join(TEMPLATES)}", field="template")
         prompts = training_prompts(data_dir, limit=(num_prompts + skip) if num_prompts else None, seed=seed, max_chars=max_prompt_chars)[skip:]
         aligner = Aligner.from_pretrained(model, prm=prm)
         bar = tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr)
@@ -82,7 +86,7 @@ def make_pairs(
                 aligner, prompts, output, preferences=prefs, base_samples=base_samples, temperature=temperature,
                 max_new_tokens=max_new_tokens, prompts_per_batch=prompts_per_batch, seed=seed,
                 margin_scale=margin_scale, resume=resume, progress=bar.update, on_policy=on_policy,
-                on_policy_params=policy_params, on_policy_pairs=on_policy_pairs, greedy_pref=greedy_pref,
+                on_policy_params=policy_params, on_policy_pairs=on_policy_pairs, greedy_pref=greedy_pref, template=template,
                 chosen_max_repetition=chosen_max_repetition if chosen_max_repetition < 1 else None,
                 time_budget_s=time_budget * 60 if time_budget else None,
             )

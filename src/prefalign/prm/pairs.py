@@ -309,6 +309,7 @@ def synthesize_pairs(
     on_policy_params: dict[str, Any] | None = None,
     on_policy_pairs: bool = False,
     greedy_pref: bool = False,
+    template: str = "pad",
 ) -> PairStats:
     """Sample answer pools and append judged pairs to ``output`` (JSONL).
 
@@ -327,6 +328,9 @@ def synthesize_pairs(
     the rejected answer of an extra row (``"pair": "on-policy"``), unless the
     best-vs-worst row already rejects it: the reward model is shown where its own
     decoding falls short, not only where it loops.
+
+    ``template``: the prompt template the sampled answers are drawn under (``pad``, PAD's
+    guideline prompt; use the template the PRM will be trained in, ``train-prm --template``).
 
     ``greedy_pref``: also decode each preference greedily with ``pref`` (default
     template), the answer evaluation compares PAD against; it joins the pool (source
@@ -379,7 +383,7 @@ def synthesize_pairs(
                     s = _seed_for(seed, row.prompt_id, slot)
                     requests.append(
                         aligner.build_request(
-                            row.text, preference, method, template="pad", temperature=temperature,
+                            row.text, preference, method, template=template, temperature=temperature,
                             top_p=top_p, seed=s, max_new_tokens=max_new_tokens,
                         )
                     )

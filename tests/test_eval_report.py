@@ -130,3 +130,56 @@ def test_bootstrap_interval_contains_mean():
 def test_helpers():
     assert win_outcome(3, 5, -1) == 1.0 and win_outcome(3, 5, 1) == 0.0 and win_outcome(4, 4, 1) == 0.5
     assert [fmt(x) for x in (1234.5, 54.04, 3.14159, 0.12345, float("nan"))] == ["1234", "54.0", "3.14", "0.123", "–"]
+
+
+def _verbose_rows() -> list[dict]:
+    """verbose (length judge, longer is better): pref's answers to p0 and p1 filled the budget."""
+    rows = []
+    for r in _rows():
+        if r["preference"] != "concise":
+            continue
+        r = dict(r, preference="verbose", direction=1, generation=r["generation"].replace("concise", "verbose"))
+        if r["variant"] == "pref" and r["prompt_id"] in ("p0", "p1"):
+            r["finish_reason"] = "length"
+        rows.append(r)
+    return rows
+
+
+def test_best_possible_win_rate_against_answers_that_filled_the_budget():
+    rows = _verbose_rows() + [r for r in _rows() if r["preference"] == "formal"]
+    # amulet's p0 answer stops early yet has more words than pref's cut one: the exception the note counts
+    for r in rows:
+        if r["preference"] == "verbose" and r["variant"] == "amulet" and r["prompt_id"] == "p0":
+            r["score"] = 31.0
+    a = analyse(rows)
+    c = a.ceilings["pref"]["verbose"]
+    assert (c.rate, c.n, c.capped) == (pytest.approx((0.5 + 0.5 + 1 + 1) / 4), 4, 2)
+    assert a.ceilings["pref"]["formal"].capped == 0 and a.ceilings["pref"]["formal"].rate == 1.0
+    assert a.ceilings["pref"]["*all*"].rate == pytest.approx((3.0 + 4.0) / 8)
+    # early-stopping answers against the 2 cut pref answers: base (p0, p1; 40 words) and amulet (p0: 31, p1: 20)
+    assert (a.ceilings["pref"]["verbose"].early_pairs, a.ceilings["pref"]["verbose"].early_wins) == (4, 3)
+    assert a.ceilings["base"]["verbose"].capped == 0  # base's answers all stopped on their own
+    md = render_markdown(a)
+    assert _row_of(md, "Win rate against `pref`", "preference")[-1] == "best possible"
+    assert _row_of(md, "Win rate against `pref`", "verbose")[-1] == "0.75"
+    assert _row_of(md, "Win rate against `pref`", "formal")[-1] == "1.00"
+    assert "filled it in verbose 2 of 4 uncollapsed" in md and "3 of the 4 measured such pairs" in md
+    assert "best possible" not in md.split("## Win rate against `base`", 1)[1].split("\n## ", 1)[0]
+
+
+def test_a_collapsed_or_shorter_preferring_reference_sets_no_ceiling():
+    a = analyse(_rows())  # concise: the length judge prefers fewer words; nothing is capped
+    assert not any(c.capped for c in a.ceilings["pref"].values())
+    assert "best possible" not in render_markdown(a)
+    rows = _verbose_rows()
+    for r in rows:  # pref's cut p0 answer collapsed: it is compared with nothing, so it caps nothing
+        if r["variant"] == "pref" and r["prompt_id"] == "p0":
+            r["guards"]["perplexity"] = 100.0
+    c = analyse(rows).ceilings["pref"]["verbose"]
+    assert (c.n, c.capped, c.rate) == (3, 1, pytest.approx(2.5 / 3))
+
+
+def test_report_with_a_ceiling_draws_its_plots(tmp_path):
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _verbose_rows()))
+    md = write_report(tmp_path).read_text()
+    assert "best possible" in md and (tmp_path / "win_rates.png").stat().st_size > 10_000

@@ -128,6 +128,12 @@ def plot_win_rates(a: Analysis, path: Path) -> Path | None:
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", markersize=4.5, capsize=2, elinewidth=1,
                         color=colors[v], label=v)
         ax.axhline(0.5, color="black", linestyle="--", linewidth=0.8)
+        label = "best possible"  # the best any answer could reach, where below 1 (see Ceiling)
+        for g, p in enumerate(groups):
+            c = a.ceilings.get(ref, {}).get("*all*" if p == "all" else p)
+            if c is not None and c.capped and c.n:
+                ax.hlines(c.rate, g - 0.42, g + 0.42, color="black", linewidth=2.2, label=label)
+                label = None
         ax.axvline(len(a.preferences) - 0.5, color="#999999", linewidth=0.6)
         for g in range(1, len(groups), 2):  # shade every other group so dots read as groups
             ax.axvspan(g - 0.5, g + 0.5, color="#f2f2f2", zorder=0)
@@ -138,7 +144,7 @@ def plot_win_rates(a: Analysis, path: Path) -> Path | None:
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=7, ncols=min(len(variants), 6), loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     fig.suptitle("Win rate by the preference's judge: ties count half, 95% bootstrap interval over prompts,\n"
-                 "collapsed pairs left out; 0.5 (dashed) = no effect", fontsize=9)
+                 "collapsed pairs left out; 0.5 (dashed) = no effect; black bar: best possible", fontsize=9)
     fig.savefig(path)
     return path
 

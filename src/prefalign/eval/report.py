@@ -8,7 +8,9 @@
 - **Win rates** against ``pref`` and against ``base``: per prompt, does the method's
   answer score better (by the judge's direction) than the reference's answer to the
   same prompt under the same preference? Ties count half. 95% intervals by bootstrap
-  over prompts.
+  over prompts. Where a reference's answers cap what any answer could reach (a length
+  judge that rewards length, against answers that filled the token budget), a *best
+  possible* column gives that ceiling.
 - **Fluency**: perplexity under the model, repetition, non-dictionary share,
   truncation rate and collapsed share per method; **speed**: tokens/s per method.
 
@@ -107,6 +109,19 @@ def both_cut_by_length(row: dict[str, Any], reference: dict[str, Any]) -> bool:
     )
 
 
+def reachable_outcome(reference: dict[str, Any]) -> float:
+    """The best outcome an answer within the same token budget can reach against ``reference``.
+
+    Against a reference that filled the budget, a judge that rewards length cannot be
+    beaten by an answer that fills it too (a tie, :func:`both_cut_by_length`); only an
+    answer that stops early *and* has more words could win, which the report counts
+    (:attr:`Ceiling.early_wins`). Every other judge can, in principle, always be beaten.
+    """
+    cut = reference.get("finish_reason") == "length"
+    rewards_length = reference.get("judge") in LENGTH_JUDGES and int(reference.get("direction", 1)) > 0
+    return 0.5 if cut and rewards_length else 1.0
+
+
 # --- Analysis ------------------------------------------------------------------------
 
 
@@ -124,6 +139,24 @@ class WinRate:
         if self.n == 0:
             return "–"
         return f"{self.rate:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+@dataclass
+class Ceiling:
+    """The highest win rate any answer could reach against a reference, given its answers.
+
+    ``rate`` averages :func:`reachable_outcome` over the reference's uncollapsed, scored
+    answers (the pairs a method that never collapses would be compared on).
+    ``early_wins`` / ``early_pairs``: of the measured pairs where the reference filled the
+    budget under a length-rewarding judge and the method's answer stopped early, how many
+    the answer still won (more words in fewer tokens): the exception to the bound.
+    """
+
+    rate: float
+    n: int
+    capped: int  # reference answers that only a tie can meet
+    early_wins: int = 0
+    early_pairs: int = 0
 
 
 @dataclass
@@ -153,6 +186,7 @@ class Analysis:
     wins: dict[str, dict[tuple[str, str], WinRate]]  # reference -> (preference, variant) -> WinRate
     wins_all: dict[str, dict[str, WinRate]]  # reference -> variant -> pooled WinRate
     wins_all_raw: dict[str, dict[str, WinRate]]  # the same, collapsed answers included (judge only)
+    ceilings: dict[str, dict[str, Ceiling]]  # reference -> preference (and "*all*") -> Ceiling
     fluency: dict[str, dict[str, float]]  # variant -> measure -> value
     fluency_by_pref: dict[tuple[str, str], dict[str, float]]
     speed: dict[str, dict[str, float]]
@@ -229,6 +263,20 @@ def _win_rate(
         return WinRate(math.nan, math.nan, math.nan, 0, excluded)
     lo, hi = bootstrap_ci(outcomes, clusters=clusters, seed=seed)
     return WinRate(_mean(outcomes), lo, hi, len(outcomes), excluded)
+
+
+def _ceiling(references: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> Ceiling:
+    by_prompt = {(r["preference"], r["dataset"], r["prompt_id"]): r for r in references}
+    reachable = [reachable_outcome(r) for r in references if not r["collapsed"] and r.get("score") is not None]
+    early_pairs = early_wins = 0
+    for row in rows:
+        ref = by_prompt.get((row["preference"], row["dataset"], row["prompt_id"]))
+        if ref is None or row["collapsed"] or ref["collapsed"] or reachable_outcome(ref) == 1.0:
+            continue
+        if row.get("finish_reason") != "length" and row.get("score") is not None and ref.get("score") is not None:
+            early_pairs += 1
+            early_wins += win_outcome(float(row["score"]), float(ref["score"]), int(row.get("direction", 1))) == 1.0
+    return Ceiling(_mean(reachable), len(reachable), sum(1 for x in reachable if x < 1.0), early_wins, early_pairs)
 
 
 def _unique_generations(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -310,10 +358,18 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
     wins: dict[str, dict[tuple[str, str], WinRate]] = {}
     wins_all: dict[str, dict[str, WinRate]] = {}
     wins_all_raw: dict[str, dict[str, WinRate]] = {}
+    ceilings: dict[str, dict[str, Ceiling]] = {}
     for ref_name in REFERENCES:
         if ref_name not in variants:
             continue
         reference = {(r["preference"], r["dataset"], r["prompt_id"]): r for r in rows if r["variant"] == ref_name}
+        others = [r for r in rows if r["variant"] != ref_name]
+        ceilings[ref_name] = {
+            p: _ceiling([r for r in reference.values() if r["preference"] == p],
+                        [r for r in others if r["preference"] == p])
+            for p in preferences
+        }
+        ceilings[ref_name]["*all*"] = _ceiling(list(reference.values()), others)
         wins[ref_name] = {
             (p, v): _win_rate(cells[(p, v)], reference, seed)
             for p in preferences for v in variants if v != ref_name and (p, v) in cells
@@ -336,6 +392,7 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
     return Analysis(
         rows=rows, config=config, preferences=preferences, variants=variants, datasets=datasets, judges=judges,
         scores=scores, scores_by_dataset=scores_ds, wins=wins, wins_all=wins_all, wins_all_raw=wins_all_raw,
+        ceilings=ceilings,
         fluency=fluency,
         fluency_by_pref=fluency_by_pref, speed=speed, collapsed_rows=collapsed_rows, method_of=method_of,
         sweep_of=sweep_of,
@@ -417,22 +474,54 @@ def score_table(a: Analysis, cells: dict[Any, ScoreCell], prefix: tuple[str, ...
     return _table(header, body, "ll" + "r" * len(a.variants))
 
 
+def has_ceiling(a: Analysis, reference: str) -> bool:
+    """True when some preference's win rate against ``reference`` cannot reach 1 (see :class:`Ceiling`)."""
+    return any(c.capped for c in a.ceilings.get(reference, {}).values())
+
+
+def _ceiling_cell(c: Ceiling | None) -> str:
+    return "–" if c is None or not c.n else f"{c.rate:.2f}"
+
+
 def win_table(a: Analysis, reference: str) -> list[str]:
     variants = [v for v in a.variants if v != reference]
-    header = ["preference", *variants]
+    ceiling = has_ceiling(a, reference)
+    header = ["preference", *variants, *(["best possible"] if ceiling else [])]
     body = []
     for p in a.preferences:
         row = []
         for v in variants:
             w = a.wins[reference].get((p, v))
             row.append("" if w is None else w.cell() + (f" †{w.excluded}" if w.excluded else ""))
+        if ceiling:
+            row.append(_ceiling_cell(a.ceilings[reference].get(p)))
         body.append([p, *row])
     pooled = []
     for v in variants:
         w = a.wins_all[reference][v]
         pooled.append(f"**{w.cell()}**" + (f" †{w.excluded}" if w.excluded else "") if w.n else "–")
-    body.append(["*all (n pairs)*", *[f"{c} (n={a.wins_all[reference][v].n})" for c, v in zip(pooled, variants)]])
+    last = [f"{c} (n={a.wins_all[reference][v].n})" for c, v in zip(pooled, variants)]
+    if ceiling:
+        last.append(_ceiling_cell(a.ceilings[reference].get("*all*")))
+    body.append(["*all (n pairs)*", *last])
     return _table(header, body)
+
+
+def ceiling_note(a: Analysis, reference: str) -> list[str]:
+    """What the ``best possible`` column means, with the counts behind it (empty when there is none)."""
+    if not has_ceiling(a, reference):
+        return []
+    overall = a.ceilings[reference]["*all*"]
+    per_preference = [(p, c) for p, c in a.ceilings[reference].items() if p != "*all*" and c.capped]
+    capped = ", ".join(f"{p} {c.capped} of {c.n}" for p, c in per_preference)
+    return [
+        "",
+        f"*Best possible*: the highest win rate any answer could reach against `{reference}`'s answers under these "
+        f"rules. Where `{reference}`'s answer already filled the token budget under a judge that rewards length, a "
+        f"longer answer does not fit in the budget and the best is a tie; `{reference}` filled it in {capped} "
+        f"uncollapsed answers. (An answer that stops early could still win with more words in fewer tokens: "
+        f"{overall.early_wins} of the {overall.early_pairs} measured such pairs did.)",
+    ]
 
 
 def fluency_table(a: Analysis) -> list[str]:
@@ -619,6 +708,7 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
             "both hit the token budget tie (neither's full length is known). 0.5 = no effect.",
             "",
             *win_table(a, ref),
+            *ceiling_note(a, ref),
         ]
     lines += [
         "",

@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prefalign import fastpath
+from prefalign.compat import cache_kwargs, output_cache
 from prefalign.fastpath import optimize_for_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def time_steps(
             mask = enc.attention_mask
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(enc.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            states[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1), mask, positions[:, -1:]]
+            states[name] = [output_cache(out), out.logits[:, -1:].argmax(-1), mask, positions[:, -1:]]
 
         def run(name: str, n: int) -> tuple[float, float]:
             cache, nxt, mask, pos = states[name]
@@ -138,7 +139,7 @@ def time_steps(
             for _ in range(n):
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
                 pos = pos + 1
-                out = models[name](nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+                out = models[name](nxt, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(models[name], cache))
                 nxt = out.logits[:, -1:].argmax(-1)
             states[name] = [cache, nxt, mask, pos]
             return (time.perf_counter() - wall) / n * 1000, (time.process_time() - cpu) / n * 1000
@@ -171,11 +172,11 @@ def greedy_tokens(model: torch.nn.Module, tokenizer: Any, text: str, n: int) -> 
     tokens: list[int] = []
     with torch.inference_mode():
         out = model(ids, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for _ in range(n):
             nxt = out.logits[:, -1:].argmax(-1)
             tokens.append(int(nxt))
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, use_cache=True, **cache_kwargs(model, cache))
     return tokens
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from prefalign import fastpath
+from prefalign.compat import cache_kwargs
 from prefalign.fastpath import FastPathReport, PackedLinear, optimize_for_cpu, restore
 
 BF16_RTOL = 2e-2  # of the largest |logit|; see module docstring
@@ -210,10 +211,10 @@ def test_dynamic_cache_step_by_step(tiny):
         full_fast = fast(ids).logits
         cache = DynamicCache(config=fast.config)
         steps = []
-        out = fast(ids[:, :6], past_key_values=cache, use_cache=True)
+        out = fast(ids[:, :6], use_cache=True, **cache_kwargs(fast, cache))
         steps.append(out.logits)
         for t in range(6, ids.shape[1]):
-            out = fast(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = fast(ids[:, t : t + 1], use_cache=True, **cache_kwargs(fast, cache))
             steps.append(out.logits)
         cached_fast = torch.cat(steps, dim=1)
     assert cache.get_seq_length() == ids.shape[1]
@@ -238,13 +239,13 @@ def test_left_padded_batch_matches_each_prompt_alone(tiny, dtype, rtol):
     steps = 3
     with torch.inference_mode():
         cache = DynamicCache(config=fast.config)
-        out = fast(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = fast(ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(fast, cache))
         batched = [out.logits[:, -1]]
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             positions = positions[:, -1:] + 1
-            out = fast(nxt, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = fast(nxt, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(fast, cache))
             batched.append(out.logits[:, -1])
             nxt = out.logits[:, -1:].argmax(-1)
         batched_tokens = torch.stack([b.argmax(-1) for b in batched], dim=1)
@@ -395,11 +396,11 @@ def _greedy(model: nn.Module, ids: torch.Tensor, n: int) -> list[int]:
     tokens: list[int] = []
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, use_cache=True, **cache_kwargs(model, cache))
         for _ in range(n):
             nxt = out.logits[:, -1:].argmax(-1)
             tokens.append(int(nxt))
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, use_cache=True, **cache_kwargs(model, cache))
     return tokens
 
 

@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("peft")
 
+from prefalign.compat import cache_kwargs, output_cache
 from prefalign.errors import PrefalignError, TokenizerMismatchError
 from prefalign.models import tokenizer_fingerprint
 from prefalign.prm import build_prm, load_prm, save_prm
@@ -62,15 +63,16 @@ def test_prm_runs_with_kv_cache_like_the_engine(tiny_llama, tokenizer):
     with torch.no_grad():
         full = prm(input_ids=ids, attention_mask=mask).logits[:, -1]
         cache = DynamicCache(config=prm.config)
-        out = prm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = prm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1,
+                  **cache_kwargs(prm, cache))
         assert out.logits.shape == (2, 1, len(tokenizer))
         step = prm(
             input_ids=ids[:, -1:],
             attention_mask=mask,
             position_ids=torch.full((2, 1), ids.shape[1] - 1),
-            past_key_values=out.past_key_values,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwargs(prm, output_cache(out)),
         ).logits[:, -1]
     assert torch.allclose(full, step, atol=1e-4)
     assert prm.config is not None and next(prm.parameters()).device.type == "cpu"

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .compat import cache_kwargs
 from .errors import PrefalignError
 from .methods import POLICY, Method
 
@@ -415,9 +416,9 @@ class Engine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwargs(model, cache),
             **extra,
         )
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)

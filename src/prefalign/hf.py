@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from .compat import cache_kwargs
 from .engine import left_pad, positions_from_mask
 from .errors import PrefalignError
 from .methods import Method, make_method
@@ -80,7 +81,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
         self.seen = input_ids.shape[1]
         out = self.model(input_ids=ids.to(self.model.device), attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self.cache))
         base = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
         pref = torch.log_softmax(scores.float(), dim=-1)
         vocab = min(base.shape[-1], pref.shape[-1])

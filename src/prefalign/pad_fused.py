@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import cache_keyword
 from .errors import PrefalignError
 from .methods import POLICY, PRM
 
@@ -113,6 +114,11 @@ class FusedPadModel(nn.Module):
         hidden = args[0]
         mapped = F.linear(hidden.index_select(0, rows).to(self.prm_linear.dtype), self.prm_linear)
         return (hidden.index_copy(0, rows, mapped.to(hidden.dtype)), *args[1:])
+
+    @property
+    def cache_keyword(self) -> str:
+        """The policy's KV-cache keyword: the module passes its keywords on to the policy."""
+        return cache_keyword(self.policy)
 
     def forward(self, input_ids: torch.Tensor, route: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Logits of every row; ``route`` (per row, 0 = policy, 1 = PRM) defaults to all PRM,

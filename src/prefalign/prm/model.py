@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import cache_keyword, output_cache, output_cache_field
 from ..errors import PrefalignError
 
 #: Linear layers of the usual decoder blocks (Llama, Mistral, Qwen2, Gemma, ...).
@@ -160,11 +161,11 @@ class PersonalizedRewardModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> Any:
+        """Logits like a causal LM's; the KV cache goes in under :attr:`cache_keyword`."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
         from transformers.modeling_utils import slice_logits_to_keep
 
@@ -174,12 +175,17 @@ class PersonalizedRewardModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
         hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
-        return CausalLMOutputWithPast(logits=_output_from_hidden(self, hidden), past_key_values=out.past_key_values)
+        cache = {output_cache_field(CausalLMOutputWithPast): output_cache(out)}
+        return CausalLMOutputWithPast(logits=_output_from_hidden(self, hidden), **cache)
+
+    @property
+    def cache_keyword(self) -> str:
+        """The KV-cache keyword of the backbone, which receives it (see :mod:`prefalign.compat`)."""
+        return cache_keyword(self.backbone)
 
     def hidden_to_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Linear layer and LM head on final hidden states (for training on chosen positions)."""

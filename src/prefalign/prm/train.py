@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..compat import cache_kwargs
 from ..errors import PrefalignError
 from .data import (
     PairExample,
@@ -187,11 +188,12 @@ def shared_prefix_logps(
         mask[r, p_len : p_len + len(a)] = 1
     with _autocast(bf16, device):
         cache = DynamicCache(config=prm.config)
-        first = prm.backbone(input_ids=prompt, use_cache=True, past_key_values=cache).last_hidden_state[:, -1]
+        into_cache = cache_kwargs(prm.backbone, cache)
+        first = prm.backbone(input_ids=prompt, use_cache=True, **into_cache).last_hidden_state[:, -1]
         cache.batch_repeat_interleave(2)
         positions = torch.arange(p_len, p_len + width, device=device)[None].expand(2, -1)
         hidden = prm.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **into_cache
         ).last_hidden_state
         # Answer token j is predicted by the prompt's last state (j = 0) or answer state j - 1.
         rows, cols, targets = [], [], []

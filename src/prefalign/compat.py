@@ -1,9 +1,10 @@
 """Differences between the transformers versions prefalign supports (``>=5.0,<6``).
 
-transformers 5.2x renamed a causal LM's KV-cache argument and output field from
-``past_key_values`` to ``cache``; the old name still works there with a
-``FutureWarning`` and is announced to go away in 5.40. Earlier 5.x releases and
-custom (remote-code) models only know ``past_key_values``. prefalign passes the cache
+A recent transformers 5.x (5.24, the release tested here, has it) renamed a causal
+LM's KV-cache argument and output field from ``past_key_values`` to ``cache``; the
+old name still works there with a ``FutureWarning`` and is announced to go away in
+5.40. Earlier 5.x releases and custom (remote-code) models only know
+``past_key_values``. prefalign passes the cache
 under whichever name the model's ``forward`` declares, so it works on both sides of the
 rename without warnings.
 """

@@ -110,8 +110,8 @@ def test_adapters_disabled_is_the_policy(tiny_llama, tokenizer):
 def test_build_prm_on_fast_path_policy(tokenizer):
     from prefalign import fastpath
 
-    if not fastpath.is_supported():
-        pytest.skip(f"fast path not supported here: {fastpath.unsupported_reason()}")
+    if not fastpath.is_supported(torch.float32):
+        pytest.skip(f"fast path not supported here: {fastpath.unsupported_reason(torch.float32)}")
     from conftest import _tiny_llama
 
     policy = _tiny_llama(len(tokenizer), seed=3)

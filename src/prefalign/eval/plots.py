@@ -131,7 +131,7 @@ def plot_win_rates(a: Analysis, path: Path) -> Path | None:
         label = "best possible"  # the best any answer could reach, where below 1 (see Ceiling)
         for g, p in enumerate(groups):
             c = a.ceilings.get(ref, {}).get("*all*" if p == "all" else p)
-            if c is not None and c.capped and c.n:
+            if c is not None and c.capped:
                 ax.hlines(c.rate, g - 0.42, g + 0.42, color="black", linewidth=2.2, label=label)
                 label = None
         ax.axvline(len(a.preferences) - 0.5, color="#999999", linewidth=0.6)

@@ -145,18 +145,26 @@ class WinRate:
 class Ceiling:
     """The highest win rate any answer could reach against a reference, given its answers.
 
-    ``rate`` averages :func:`reachable_outcome` over the reference's uncollapsed, scored
-    answers (the pairs a method that never collapses would be compared on).
-    ``early_wins`` / ``early_pairs``: of the measured pairs where the reference filled the
-    budget under a length-rewarding judge and the method's answer stopped early, how many
-    the answer still won (more words in fewer tokens): the exception to the bound.
+    ``rate`` averages :func:`reachable_outcome` over the reference's ``n`` uncollapsed,
+    scored answers (the pairs a method that never collapses would be compared on), of
+    which ``capped`` can only be tied. ``early_wins`` / ``early_pairs``: of the measured
+    pairs where the reference filled the budget under a length-rewarding judge and the
+    method's answer stopped early, how many the answer still won (more words in fewer
+    tokens): the exception to the bound.
     """
 
-    rate: float
     n: int
-    capped: int  # reference answers that only a tie can meet
+    capped: int
     early_wins: int = 0
     early_pairs: int = 0
+
+    @property
+    def rate(self) -> float:
+        return 1.0 - 0.5 * self.capped / self.n if self.n else math.nan
+
+    def __add__(self, other: Ceiling) -> Ceiling:
+        return Ceiling(self.n + other.n, self.capped + other.capped, self.early_wins + other.early_wins,
+                       self.early_pairs + other.early_pairs)
 
 
 @dataclass
@@ -265,18 +273,19 @@ def _win_rate(
     return WinRate(_mean(outcomes), lo, hi, len(outcomes), excluded)
 
 
-def _ceiling(references: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> Ceiling:
-    by_prompt = {(r["preference"], r["dataset"], r["prompt_id"]): r for r in references}
-    reachable = [reachable_outcome(r) for r in references if not r["collapsed"] and r.get("score") is not None]
+def _ceiling(rows: Sequence[dict[str, Any]], reference: dict[tuple[str, str, str], dict[str, Any]]) -> Ceiling:
+    """The ceiling of one preference: ``rows`` are its other variants' answers."""
+    comparable = [r for r in reference.values() if not r["collapsed"] and r.get("score") is not None]
+    capped = {id(r) for r in comparable if reachable_outcome(r) < 1.0}
     early_pairs = early_wins = 0
     for row in rows:
-        ref = by_prompt.get((row["preference"], row["dataset"], row["prompt_id"]))
-        if ref is None or row["collapsed"] or ref["collapsed"] or reachable_outcome(ref) == 1.0:
+        ref = reference.get((row["preference"], row["dataset"], row["prompt_id"]))
+        if ref is None or id(ref) not in capped or row["collapsed"] or row.get("score") is None:
             continue
-        if row.get("finish_reason") != "length" and row.get("score") is not None and ref.get("score") is not None:
+        if row.get("finish_reason") != "length":
             early_pairs += 1
             early_wins += win_outcome(float(row["score"]), float(ref["score"]), int(row.get("direction", 1))) == 1.0
-    return Ceiling(_mean(reachable), len(reachable), sum(1 for x in reachable if x < 1.0), early_wins, early_pairs)
+    return Ceiling(len(comparable), len(capped), early_wins, early_pairs)
 
 
 def _unique_generations(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -363,13 +372,12 @@ def analyse(rows: list[dict[str, Any]], config: dict[str, Any] | None = None, *,
         if ref_name not in variants:
             continue
         reference = {(r["preference"], r["dataset"], r["prompt_id"]): r for r in rows if r["variant"] == ref_name}
-        others = [r for r in rows if r["variant"] != ref_name]
         ceilings[ref_name] = {
-            p: _ceiling([r for r in reference.values() if r["preference"] == p],
-                        [r for r in others if r["preference"] == p])
+            p: _ceiling([r for v in variants if v != ref_name for r in cells.get((p, v), ())],
+                        {k: r for k, r in reference.items() if k[0] == p})
             for p in preferences
         }
-        ceilings[ref_name]["*all*"] = _ceiling(list(reference.values()), others)
+        ceilings[ref_name]["*all*"] = sum(ceilings[ref_name].values(), Ceiling(0, 0))
         wins[ref_name] = {
             (p, v): _win_rate(cells[(p, v)], reference, seed)
             for p in preferences for v in variants if v != ref_name and (p, v) in cells

@@ -47,14 +47,11 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     return {cache_keyword(model): cache}
 
 
-def output_cache(output: Any) -> Any:
-    """The KV cache a model returned, whichever field name its output class uses."""
-    fields = getattr(output, "__dataclass_fields__", {})
-    if CACHE in fields:
-        return getattr(output, CACHE)
-    return getattr(output, LEGACY_CACHE, None)
-
-
 def output_cache_field(output_class: type) -> str:
     """The field of a transformers output class (e.g. ``CausalLMOutputWithPast``) that holds the cache."""
     return CACHE if CACHE in getattr(output_class, "__dataclass_fields__", {}) else LEGACY_CACHE
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model returned, whichever field name its output class uses."""
+    return getattr(output, output_cache_field(type(output)), None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from prefalign import Aligner
+    from prefalign.bench import _atomic_write
     from prefalign.eval.guards import perplexity
     from prefalign.eval.runner import read_results
 
@@ -59,10 +59,11 @@ def main() -> None:
         scores += perplexity(al.model, al.tokenizer, items[i : i + args.batch])
 
     by_variant: dict[str, dict[str, list[float]]] = {}
-    for k, r in enumerate(answers.values()):
+    per_answer = zip(*[iter(scores)] * len(templates))  # items were laid out answer by answer
+    for r, answer_scores in zip(answers.values(), per_answer):
         cell = by_variant.setdefault(r["variant"], {t: [] for t in [*templates, "stored"]})
-        for j, t in enumerate(templates):
-            cell[t].append(scores[k * len(templates) + j])
+        for t, score in zip(templates, answer_scores):
+            cell[t].append(score)
         stored = (r.get("guards") or {}).get("perplexity")
         if stored is not None:
             cell["stored"].append(stored)
@@ -78,10 +79,7 @@ def main() -> None:
         print(f"{v:{width}}  {m['answers']:7d}  {cells} {stored}")
     result = {"directory": str(args.directory), "model": args.model, "templates": templates,
               "median_perplexity": medians, "seconds": round(time.monotonic() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, args.out)  # atomic: a half-written file never replaces a good one
+    _atomic_write(args.out, json.dumps(result, indent=1) + "\n")  # a half-written file never replaces a good one
     print(f"wrote {args.out}")
 
 

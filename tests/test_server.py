@@ -305,7 +305,7 @@ def test_chunked_body_over_the_limit_is_refused(live, client):
         for _ in range(MAX_BODY // 1000 + 2):
             yield b" " * 1000
 
-    response = httpx.post(live.url + "/v1/chat/completions", content=body(), timeout=30)
+    response = httpx.post(live.url + "/v1/chat/completions", content=body(), headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 413
     still_serves(client)
 
@@ -325,13 +325,16 @@ def test_engine_failure_fails_the_batch_then_recovers(live, client):
     def boom() -> list:
         raise RuntimeError("simulated engine failure")
 
-    engine.step = boom  # the scheduler replaces a failed engine, so this affects one step
-    with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+    engine.step = boom  # an instance attribute: removed below, so this fails a few steps
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+    finally:
+        del engine.step
     assert "simulated engine failure" in info.value.body["message"]
-    assert live.aligner.engine is not engine
+    assert live.aligner.engine is engine and not engine.has_work
     still_serves(client)
-    assert live.health()["stats"]["engine_resets"] == 1
+    assert live.health()["stats"]["engine_resets"] >= 1
 
 
 # --- batching, disconnects, limits --------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
-from .errors import PrefalignError
+from .errors import ContextLengthError, PrefalignError
 from .methods import POLICY, PRM, Method, make_method
 from .models import EMBEDDED_DISPLAY_NAME, load_model, prepare_tokenizer
 from .prompts import Chat, Preference, PromptLike, encode_context, parse_preferences, to_chat
@@ -27,6 +27,8 @@ class StreamEvent:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    #: Why the request failed, when ``finish_reason == "error"``.
+    error: str | None = None
 
 
 def _is_single_prompt(prompts: Any) -> bool:
@@ -93,7 +95,7 @@ class Aligner:
 
     def add_model(self, key: str, model: Any) -> None:
         """Make another model (e.g. a personalised reward model) available to methods."""
-        self.engine.models[key] = model
+        self.engine.add_model(key, model)
 
     def load_prm(self, path: Any = None, *, fused: bool = True) -> Any:
         """Load a personalised reward model for method ``pad`` and add it as ``"prm"``.
@@ -202,7 +204,7 @@ class Aligner:
         window = self.context_window
         longest = max(len(ids) for _, ids in contexts)
         if window and longest + max_new_tokens > window:
-            raise PrefalignError(
+            raise ContextLengthError(
                 f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context window "
                 f"of {window} tokens; lower max_new_tokens to at most {max(window - longest, 0)} or shorten the prompt",
                 field="max_new_tokens",
@@ -263,18 +265,13 @@ class Aligner:
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
         index = {r.request_id: i for i, r in enumerate(requests)}
-        try:
-            for delta in self.engine.run(requests):
-                usage = None
-                if delta.finish_reason is not None:
-                    result = self.engine.pop_result(delta.request_id)
-                    usage = result.usage if result else None
-                yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage)
-        finally:
-            # A consumer that stops early (break, Ctrl-C) must not leave rows in the engine.
-            for request in requests:
-                self.engine.cancel(request.request_id)
-                self.engine.pop_result(request.request_id)
+        # Engine.run cancels whatever is unfinished when the consumer stops early (break, Ctrl-C).
+        for delta in self.engine.run(requests):
+            usage = error = None
+            if delta.finish_reason is not None:
+                result = self.engine.pop_result(delta.request_id)
+                usage, error = (result.usage, result.error) if result else (None, None)
+            yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage, error)
 
 
 def _apply_fast_path(model: Any, mode: bool | str) -> Any:

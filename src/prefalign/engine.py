@@ -22,10 +22,17 @@ One token's path (see docs/architecture.md):
 
 Requests can join and leave between steps (continuous batching): :meth:`Engine.add`,
 :meth:`Engine.cancel`, :meth:`Engine.step`.
+
+Long prompts can be prefilled in chunks (``prefill_chunk`` tokens per model forward
+per step), interleaved with the decode steps of running requests, so that one long
+prompt does not stop everyone else's stream. A fault while preparing, combining or
+sampling one group of requests fails those requests alone (``finish_reason="error"``,
+``GenerationResult.error`` says why); every other request continues unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -41,14 +48,26 @@ from .errors import PrefalignError
 from .methods import POLICY, Method
 
 _NEG_INF = float("-inf")
+log = logging.getLogger(__name__)
 
 
 # --- Public data types -------------------------------------------------------------
 
 
+#: The seeds ``torch.Generator.manual_seed`` accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Below this temperature decoding is greedy: scores / T overflow to inf, and the
+#: limit of sampling as T → 0 is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How scores become tokens. ``temperature=0`` means greedy (argmax)."""
+    """How scores become tokens. ``temperature=0`` (or below 1e-5) means greedy (argmax).
+
+    Every field is checked here, once, with an error naming it; the API, the CLI, the
+    server and the evaluation all build this object.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -64,13 +83,14 @@ class SamplingParams:
             raise PrefalignError(f"top_p must be in (0, 1], got {p!r}", field="top_p")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise PrefalignError(f"top_k must be an integer ≥ 0 (0 = off), got {self.top_k!r}", field="top_k")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise PrefalignError(f"seed must be an integer, got {self.seed!r}", field="seed")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise PrefalignError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", field="seed")
 
     @property
     def greedy(self) -> bool:
-        # Below 1e-5, scores / T overflow to inf and sampling is argmax anyway.
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -127,7 +147,8 @@ class GenerationResult:
     """A finished answer.
 
     ``finish_reason``: ``"stop"`` (EOS or a stop string), ``"length"`` (``max_new_tokens``)
-    or ``"error"`` (the method ruled out every token, e.g. all scores −inf/NaN).
+    or ``"error"`` (the request failed: ``error`` says why, e.g. the method ruled out
+    every token, or its scores could not be computed).
     """
 
     request_id: str
@@ -136,6 +157,7 @@ class GenerationResult:
     finish_reason: str
     usage: Usage
     seconds: float = 0.0
+    error: str | None = None
 
 
 # --- Internal state ----------------------------------------------------------------
@@ -172,6 +194,43 @@ class _ModelState:
     mask: torch.Tensor | None = None  # [R, L] long
     next_tokens: torch.Tensor | None = None  # [R]
     rows: list[tuple[_Active, int, int]] = field(default_factory=list)  # (request, track, context)
+
+
+@dataclass
+class _PrefillPart:
+    """The rows of one prefill group that one model (pass key) computes."""
+
+    rows: list[tuple[_Active, int, int]]
+    ids: torch.Tensor  # [R, L] left-padded
+    mask: torch.Tensor  # [R, L]
+    positions: torch.Tensor  # [R, L]
+    cache: Any
+    done: int = 0  # columns already run through the model
+    logprobs: torch.Tensor | None = None  # last position's, once done == L
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.ids.shape[1]
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows at ``keep`` (a request left while it was being prefilled)."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
+        if self.done > 0:
+            self.cache.batch_select_indices(index)
+
+
+@dataclass
+class _PrefillGroup:
+    """Requests that joined in the same step, prefilled together (in chunks if configured)."""
+
+    members: list[_Active]
+    parts: dict[str, _PrefillPart]  # pass key -> rows it computes
+
+    @property
+    def finished(self) -> bool:
+        return all(part.finished for part in self.parts.values())
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,18 +299,50 @@ class Engine:
     add a reward model under their own key. All models share ``tokenizer``.
     """
 
-    def __init__(self, models: Mapping[str, Any] | Any, tokenizer: Any, *, eos_token_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        models: Mapping[str, Any] | Any,
+        tokenizer: Any,
+        *,
+        eos_token_ids: Sequence[int] | None = None,
+        prefill_chunk: int | None = None,
+    ):
         self.models: dict[str, Any] = dict(models) if isinstance(models, Mapping) else {POLICY: models}
         if POLICY not in self.models:
             raise PrefalignError("the engine needs a 'policy' model")
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(self.models[POLICY], tokenizer))
+        self.prefill_chunk = prefill_chunk
         self._pending: list[GenerationRequest] = []
+        self._prefilling: list[_PrefillGroup] = []
         self._active: dict[str, _Active] = {}
         self._states: dict[str, _ModelState] = {}
         self._results: dict[str, GenerationResult] = {}
         self._cancelled: set[str] = set()
-        self.steps = 0
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens one model forward prefills per step (None: whole prompts at once).
+
+        A prompt longer than this is prefilled over several steps, interleaved with the
+        running requests' decode steps. Changing it takes effect at the next step.
+        """
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PrefalignError(f"prefill_chunk must be an integer ≥ 1 (or None: whole prompts), got {value!r}", field="prefill_chunk")
+        self._prefill_chunk = value
+
+    def add_model(self, key: str, model: Any) -> None:
+        """Make another model (e.g. a reward model) available to methods under ``key``.
+
+        Safe while requests run: the model joins at the next step.
+        """
+        if key == POLICY:
+            raise PrefalignError("the policy model cannot be replaced in a running engine", field="model")
+        self.models = {**self.models, key: model}
 
     # -- queue ----------------------------------------------------------------------
 
@@ -262,14 +353,21 @@ class Engine:
         return request.request_id
 
     def cancel(self, request_id: str) -> None:
-        """Drop a request (queued or running); its rows leave the batch at the next step."""
+        """Drop a request (queued, prefilling or running); its rows leave the batch at the next step."""
         self._pending = [r for r in self._pending if r.request_id != request_id]
-        if request_id in self._active:
+        if request_id in self._active or any(a.request.request_id == request_id for g in self._prefilling for a in g.members):
             self._cancelled.add(request_id)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._active)
+        return bool(self._pending or self._prefilling or self._active)
+
+    def _known(self, request_id: str) -> bool:
+        return (
+            request_id in self._active
+            or any(r.request_id == request_id for r in self._pending)
+            or any(a.request.request_id == request_id for g in self._prefilling for a in g.members)
+        )
 
     @property
     def num_active(self) -> int:
@@ -281,7 +379,7 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every queued, running and finished request (e.g. after a failed step)."""
-        self._pending, self._active, self._states = [], {}, {}
+        self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
 
     def validate(self, request: GenerationRequest) -> None:
@@ -303,65 +401,164 @@ class Engine:
             raise PrefalignError(
                 f"max_new_tokens must be an integer ≥ 1, got {request.max_new_tokens!r}", field="max_new_tokens"
             )
-        if any(w <= 0 for w in request.weights):
-            raise PrefalignError("preference weights must be > 0", field="preference")
+        if not request.weights or any(not math.isfinite(w) or w <= 0 for w in request.weights) or not math.isfinite(sum(request.weights)):
+            raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
         if request.method.beam_width > 1 and not request.sampling.greedy:
             raise PrefalignError("beam search is deterministic; use temperature 0 with method 'beam'", field="temperature")
 
     # -- driving --------------------------------------------------------------------
 
     def run(self, requests: Sequence[GenerationRequest]) -> Iterator[Delta]:
-        """Add ``requests`` and step until all of them finish, yielding deltas."""
+        """Add ``requests`` and step until all of them finish, yielding deltas.
+
+        Every request is validated before any is queued. However the iteration ends (all
+        finished, the consumer stopped early, an exception), none of these requests is
+        left in the engine: unfinished ones are cancelled and the engine stays usable.
+        Results stay available through :meth:`pop_result` until popped.
+        """
         for request in requests:
-            self.add(request)
-        wanted = {r.request_id for r in requests}
-        while wanted & (set(self._active) | {r.request_id for r in self._pending}):
-            yield from self.step()
+            self.validate(request)
+        wanted = [r.request_id for r in requests]
+        try:
+            for request in requests:
+                self._pending.append(request)
+            while any(self._known(rid) for rid in wanted):
+                yield from self.step()
+        finally:
+            for rid in wanted:
+                if self._known(rid):
+                    self.cancel(rid)
+            if self._cancelled:
+                with torch.inference_mode():
+                    self._drop_cancelled()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run ``requests`` to completion; results in the order given."""
-        for _ in self.run(requests):
-            pass
-        return [self._results.pop(r.request_id) for r in requests]
+        try:
+            for _ in self.run(requests):
+                pass
+            return [self._results.pop(r.request_id) for r in requests]
+        finally:
+            for r in requests:
+                self._results.pop(r.request_id, None)
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Prefill queued requests, advance every running request by one token."""
+        """Advance every running request by one token and prefill queued ones (a chunk of
+        them when ``prefill_chunk`` is set).
+
+        A fault in one group of requests (its prefill, its method's ``combine``, its
+        sampling) fails that group alone. A fault in the forward pass that every running
+        request shares leaves no request in the engine (it is :meth:`reset`) and is raised.
+        """
         deltas: list[Delta] = []
+        try:
+            self._drop_cancelled()
+            models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
+            owner = self._pass_owners(models)
+            if self._pending:
+                self._prefilling.append(self._new_group([self._start(r) for r in self._pending], models, owner))
+                self._pending = []
+            if not self._active and not self._prefilling:
+                return deltas
+            logprobs: dict[str, torch.Tensor] = {}
+            for key, model in models.items():
+                state = self._states.get(key)
+                if owner[key] == key and state is not None and state.rows:
+                    logprobs[key] = self._decode_forward(key, model, state)
+            for active in self._active.values():
+                active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
+            for group in self._advance_prefill(models, deltas):
+                for key, part in group.parts.items():
+                    self._merge(key, part.cache, part.mask, part.rows)
+                    assert part.logprobs is not None
+                    logprobs[key] = torch.cat([logprobs[key], part.logprobs]) if key in logprobs else part.logprobs
+                for active in group.members:
+                    self._active[active.request.request_id] = active
+            row_index = {key: {(id(a), t, k): i for i, (a, t, k) in enumerate(s.rows)} for key, s in self._states.items()}
+            for key, pass_key in owner.items():
+                if pass_key != key and pass_key in logprobs:
+                    logprobs[key], row_index[key] = logprobs[pass_key], row_index[pass_key]
+            self._choose_tokens(logprobs, row_index, deltas)
+            self._reorder_rows()
+        except Exception:
+            # The shared pass failed (or a bug): the caches' state is unknown, so no
+            # request may continue on them. Callers (the scheduler, run()) fail theirs.
+            self.reset()
+            raise
+        return deltas
+
+    def _drop_cancelled(self) -> None:
+        """Apply cancellations: running requests leave the batch, prefilling ones their group."""
         for request_id in self._cancelled:
             if request_id in self._active:
                 self._active[request_id].finish_reason = "cancelled"
+        if self._cancelled and self._prefilling:
+            for group in self._prefilling:
+                group.members = [a for a in group.members if a.request.request_id not in self._cancelled]
+                for key, part in list(group.parts.items()):
+                    keep = [i for i, (a, _, _) in enumerate(part.rows) if a.request.request_id not in self._cancelled]
+                    if not keep:
+                        del group.parts[key]
+                    elif len(keep) < len(part.rows):
+                        part.select(keep)
+            self._prefilling = [g for g in self._prefilling if g.members]
         self._cancelled.clear()
         self._reorder_rows()
-        joining = [self._start(r) for r in self._pending]
-        self._pending = []
-        if not self._active:
-            return deltas
-        logprobs: dict[str, torch.Tensor] = {}
-        models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
-        owner = self._pass_owners(models)
-        for key, model in models.items():
-            if owner[key] != key:
-                continue  # another model computes this key's rows in its own pass
-            parts = []
-            state = self._states.get(key)
-            if state is not None and state.rows:
-                parts.append(self._decode_forward(key, model, state))
-            new_rows = [(a, 0, k) for a in joining for k, (m, _) in enumerate(a.request.contexts) if owner.get(m) == key]
-            if new_rows:
-                parts.append(self._prefill(key, model, new_rows))
-            if parts:
-                logprobs[key] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        self.steps += 1
-        row_index = {key: {(id(a), t, k): i for i, (a, t, k) in enumerate(s.rows)} for key, s in self._states.items()}
-        for key, pass_key in owner.items():
-            if pass_key != key and pass_key in logprobs:
-                logprobs[key], row_index[key] = logprobs[pass_key], row_index[pass_key]
-        for active in self._active.values():
-            active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
-        self._choose_tokens(logprobs, row_index, deltas)
-        self._reorder_rows()
-        return deltas
+
+    # -- prefill ----------------------------------------------------------------------
+
+    def _new_group(self, members: list[_Active], models: Mapping[str, Any], owner: Mapping[str, str]) -> _PrefillGroup:
+        from transformers import DynamicCache
+
+        parts: dict[str, _PrefillPart] = {}
+        for key in dict.fromkeys(owner.values()):
+            rows = [(a, 0, k) for a in members for k, (m, _) in enumerate(a.request.contexts) if owner.get(m, m) == key]
+            if not rows:
+                continue
+            seqs = [a.request.contexts[k][1] for a, _, k in rows]
+            ids, mask = left_pad(seqs, self.tokenizer.pad_token_id or 0, self._device(key))
+            cache = DynamicCache(config=getattr(models[key], "config", None))
+            parts[key] = _PrefillPart(rows=rows, ids=ids, mask=mask, positions=positions_from_mask(mask), cache=cache)
+        return _PrefillGroup(members=members, parts=parts)
+
+    def _advance_prefill(self, models: Mapping[str, Any], deltas: list[Delta]) -> list[_PrefillGroup]:
+        """Run the next chunk of each prefilling group, oldest first, within the token budget
+        of each model's forward; return the groups whose prefill is complete."""
+        budget: dict[str, int | None] = {key: self.prefill_chunk for key in models}
+        completed: list[_PrefillGroup] = []
+        queue = list(self._prefilling)
+        self._prefilling = []
+        while queue:
+            group = queue.pop(0)
+            try:
+                for key, part in group.parts.items():
+                    left = budget.get(key)
+                    if part.finished or (left is not None and left <= 0):
+                        continue
+                    rows, length = part.ids.shape
+                    columns = length - part.done if left is None else max(1, min(length - part.done, left // rows))
+                    end = part.done + columns
+                    out = self._forward(models[key], part.ids[:, part.done:end], part.mask[:, :end], part.positions[:, part.done:end], part.cache, part.rows)
+                    part.done = end
+                    if part.finished:
+                        part.logprobs = out
+                    if left is not None:
+                        budget[key] = left - columns * rows
+                    for active in {id(a): a for a, _, _ in part.rows}.values():
+                        active.usage.forward_passes += 1
+            except Exception as exc:
+                if len(group.members) > 1:
+                    # Find the culprit: each member is prefilled again on its own.
+                    log.warning("prefill of %d requests failed (%s: %s); retrying them one by one", len(group.members), type(exc).__name__, exc)
+                    owner = self._pass_owners(models)
+                    queue[:0] = [self._new_group([a], models, owner) for a in group.members]
+                else:
+                    for active in group.members:
+                        self._fail(active, f"prefill failed: {type(exc).__name__}: {exc}", deltas)
+                continue
+            (completed if group.finished else self._prefilling).append(group)
+        return completed
 
     # -- model passes ---------------------------------------------------------------
 
@@ -375,7 +572,7 @@ class Engine:
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator(device=self._device(POLICY)).manual_seed(request.sampling.seed)
-        active = _Active(
+        return _Active(
             request=request,
             tracks=[_Track()],
             usage=usage,
@@ -383,8 +580,6 @@ class Engine:
             started=time.perf_counter(),
             max_stop_len=max((len(s) for s in request.stop), default=0),
         )
-        self._active[request.request_id] = active
-        return active
 
     def _device(self, key: str) -> torch.device:
         return next(self.models[key].parameters()).device
@@ -423,17 +618,6 @@ class Engine:
         )
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
-    def _prefill(self, key: str, model: Any, rows: list[tuple[_Active, int, int]]) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        seqs = [a.request.contexts[k][1] for a, _, k in rows]
-        ids, mask = left_pad(seqs, self.tokenizer.pad_token_id or 0, self._device(key))
-        positions = positions_from_mask(mask)
-        cache = DynamicCache(config=getattr(model, "config", None))
-        logprobs = self._forward(model, ids, mask, positions, cache, rows)
-        self._merge(key, cache, mask, rows)
-        return logprobs
-
     def _decode_forward(self, key: str, model: Any, state: _ModelState) -> torch.Tensor:
         assert state.mask is not None and state.next_tokens is not None
         positions = state.mask.sum(-1, keepdim=True)
@@ -469,38 +653,64 @@ class Engine:
     ) -> None:
         groups: dict[tuple[Method, tuple[float, ...]], list[_Active]] = {}
         for active in self._active.values():
-            groups.setdefault((active.request.method, active.request.weights), []).append(active)
+            if active.finish_reason is None:
+                groups.setdefault((active.request.method, active.request.weights), []).append(active)
         for (method, weights), members in groups.items():
-            models = [m for m, _ in members[0].request.contexts]
-            blocks = []
-            for k, model_key in enumerate(models):
-                idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
-                blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
-            stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
-            scores = method.combine(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
-            # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
-            scores = scores.masked_fill(scores.isnan(), _NEG_INF)
+            # A group's fault (its method's combine, say) fails its requests, no one else's.
+            try:
+                scores = self._group_scores(method, weights, members, logprobs, row_index)
+            except Exception as exc:
+                for active in members:
+                    self._fail(active, f"{method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
+                continue
             usable = torch.isfinite(scores).any(dim=-1).tolist()
             if not all(usable):
                 members = self._fail_unusable(members, usable, deltas)
                 if not members:
                     continue
                 scores = scores[torch.tensor(usable)]
+            greedy = method.beam_width == 1 and all(a.request.sampling.greedy for a in members)
+            chosen = scores.argmax(dim=-1).tolist() if greedy else None
             offset = 0
-            if method.beam_width == 1 and all(a.request.sampling.greedy for a in members):
-                chosen = scores.argmax(dim=-1).tolist()
-                for a in members:
-                    self._advance(a, 0, chosen[offset], deltas)
-                    offset += 1
-                continue
             for a in members:
                 n = len(a.tracks)
                 block = scores[offset:offset + n]
                 offset += n
-                if method.beam_width > 1:
-                    self._beam_update(a, block, method, deltas)
-                else:
-                    self._advance(a, 0, self._sample(a, block[0]), deltas)
+                try:
+                    if chosen is not None:
+                        self._advance(a, 0, chosen[offset - 1], deltas)
+                    elif method.beam_width > 1:
+                        self._beam_update(a, block, method, deltas)
+                    else:
+                        self._advance(a, 0, self._sample(a, block[0]), deltas)
+                except Exception as exc:
+                    self._fail(a, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
+
+    def _group_scores(
+        self,
+        method: Method,
+        weights: tuple[float, ...],
+        members: list[_Active],
+        logprobs: dict[str, torch.Tensor],
+        row_index: dict[str, dict[tuple[int, int, int], int]],
+    ) -> torch.Tensor:
+        """The method's scores ``[tracks of all members, V]``; NaN becomes −inf (ruled out)."""
+        models = [m for m, _ in members[0].request.contexts]
+        blocks = []
+        for k, model_key in enumerate(models):
+            idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
+            blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
+        stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
+        scores = method.combine(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
+        # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
+        return scores.masked_fill(scores.isnan(), _NEG_INF)
+
+    def _fail(self, active: _Active, message: str, deltas: list[Delta]) -> None:
+        """Finish one request with ``finish_reason="error"`` and say why (one log line)."""
+        if active.finish_reason is not None:
+            return
+        log.warning("request %s failed: %s", active.request.request_id, message)
+        self._finish(active, "error", deltas, active.tracks[0], new_tokens=[], error=message)
 
     def _fail_unusable(self, members: list[_Active], usable: list[bool], deltas: list[Delta]) -> list[_Active]:
         """Finish (reason "error") the requests with a track whose scores are all −inf/NaN."""
@@ -510,7 +720,7 @@ class Engine:
             if all(usable[offset:offset + n]):
                 keep.append(active)
             else:
-                self._finish(active, "error", deltas, active.tracks[0], new_tokens=[])
+                self._fail(active, f"method {active.request.method.name!r} ruled out every token (all scores −inf or NaN)", deltas)
                 for i in range(offset, offset + n):
                     usable[i] = False
             offset += n
@@ -568,7 +778,7 @@ class Engine:
         if text or tokens or final:
             deltas.append(Delta(active.request.request_id, text, tokens, reason))
 
-    def _finish(self, active: _Active, reason: str, deltas: list[Delta], track: _Track, new_tokens: list[int]) -> None:
+    def _finish(self, active: _Active, reason: str, deltas: list[Delta], track: _Track, new_tokens: list[int], error: str | None = None) -> None:
         """Record the result, stream what is left of the text; rows leave at the next reorder."""
         if reason == "length":
             # Cut off mid-character: drop the replacement char(s) of the incomplete UTF-8 tail.
@@ -584,6 +794,7 @@ class Engine:
             finish_reason=reason,
             usage=active.usage,
             seconds=time.perf_counter() - active.started,
+            error=error,
         )
 
     # -- beam search ----------------------------------------------------------------

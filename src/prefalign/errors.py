@@ -14,6 +14,9 @@ class PrefalignError(ValueError):
     so that the CLI and the server can point at it.
     """
 
+    #: The OpenAI-style error code the server answers with (400 for every PrefalignError).
+    code = "invalid_value"
+
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
@@ -33,3 +36,9 @@ class TemplateError(PrefalignError):
 
 class TokenizerMismatchError(PrefalignError):
     """Two models (e.g. a PRM and its policy) whose tokenizers differ."""
+
+
+class ContextLengthError(PrefalignError):
+    """A prompt (plus the tokens to generate) longer than the model or the server allows."""
+
+    code = "context_length_exceeded"

@@ -23,6 +23,7 @@ Preset preference names reproduce the papers' sentences (see :data:`PRESETS`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -141,6 +142,8 @@ def parse_preferences(preference: Any) -> list[Preference]:
     out = [_parse_one(item) for item in items]
     if not out:
         raise PrefalignError("preference list is empty; pass None for no preference", field="preference")
+    if not math.isfinite(sum(p.weight for p in out)):
+        raise PrefalignError("the preference weights' sum overflows; use weights of a sensible size (e.g. 1 and 2)", field="preference")
     return out
 
 
@@ -173,9 +176,22 @@ def _parse_one(item: Any) -> Preference:
             )
     if not text.strip():
         raise PrefalignError("preference text is empty; give a sentence or a preset name", field="preference")
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight != weight:
-        raise PrefalignError(f"preference weight must be a number, got {weight!r}", field="preference")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
+        raise PrefalignError(f"preference weight must be a finite number > 0, got {weight!r}", field="preference")
+    check_text(text, "preference")
     return Preference(text=text.strip(), weight=float(weight), name=name)
+
+
+def check_text(text: str, field: str) -> None:
+    """Reject text that cannot be encoded as UTF-8 (e.g. a lone surrogate), naming ``field``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TemplateError(
+            f"{field} contains a character that is not valid Unicode text ({exc.reason} at position {exc.start}); "
+            "remove it or send proper UTF-8",
+            field=field,
+        ) from None
 
 
 def to_chat(prompt: PromptLike) -> Chat:
@@ -183,6 +199,7 @@ def to_chat(prompt: PromptLike) -> Chat:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise TemplateError("the prompt is empty; give some text to answer", field="prompt")
+        check_text(prompt, "prompt")
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, Sequence) or not prompt:
         raise TemplateError("a chat must be a non-empty list of {role, content} messages", field="messages")
@@ -197,6 +214,7 @@ def to_chat(prompt: PromptLike) -> Chat:
             )
         if not isinstance(content, str):
             raise TemplateError(f"message {i} content must be a string", field="messages")
+        check_text(content, f"messages.{i}.content")
         chat.append({"role": role, "content": content})
     if not any(m["role"] == "user" and m["content"].strip() for m in chat):
         raise TemplateError("the chat has no non-empty user message", field="messages")
@@ -247,7 +265,12 @@ def chat_to_text(tokenizer: Any, chat: Chat, template: str) -> str:
             "to format prompts as 'User: ... Assistant:' text",
             field="template",
         )
-    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2's TemplateError, or a template's raise_exception()
+        if type(exc).__module__.split(".")[0] != "jinja2":
+            raise
+        raise TemplateError(f"the model's chat template rejected the messages: {exc}", field="messages") from exc
 
 
 def encode_context(tokenizer: Any, chat: Chat, preference: str | None, template: str) -> list[int]:

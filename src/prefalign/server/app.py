@@ -14,20 +14,23 @@ parameter used, defaults filled in, so it can be sent back as is) and ``preferen
 ``forward_passes``.
 
 Status codes: 400 invalid JSON or a value prefalign rejects, 401 missing/wrong API key,
-404 unknown route or model, 413 body too large, 422 a field of the wrong type or
-shape, 429 queue full (with ``Retry-After``), 500 engine failure (the server recovers),
-503 shutting down. Every error body is ``{"error": {"message", "type", "param", "code"}}``.
+404 unknown route or model, 408 body not received in time, 413 body too large, 415 a
+body that is not ``application/json``, 422 a field of the wrong type or shape, 429
+queue full (with ``Retry-After``), 500 this request failed while decoding (others go
+on) or the shared pass failed (the server recovers), 503 shutting down. Every error body is ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,11 +41,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..engine import Delta, GenerationRequest, GenerationResult
-from ..errors import PrefalignError, UnknownNameError
+from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
 from ..prompts import parse_preferences
 from .errors import APIError
@@ -51,9 +55,6 @@ from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, Completio
 
 log = logging.getLogger("prefalign.server")
 
-#: Temperatures below this decode greedily: dividing log-probs by a tiny temperature
-#: overflows to NaN in the engine's sampler (and the limit of sampling is argmax).
-GREEDY_TEMPERATURE = 1e-5
 #: OpenAI's documented range.
 MAX_TEMPERATURE = 2.0
 #: Method parameters that multiply the per-token cost, with the server's upper bound,
@@ -77,6 +78,14 @@ class ServerConfig:
     default_temperature: float = 1.0
     max_preferences: int = 8
     max_stop: int = 4
+    max_prompt_tokens: int = 8192
+    body_timeout: float = 30.0
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Text refused before tokenising: no tokenizer fits more than ~16 characters in a
+        token on real text, so longer text cannot fit ``max_prompt_tokens``."""
+        return 16 * self.max_prompt_tokens
 
 
 @dataclass
@@ -137,6 +146,21 @@ def _chat_from_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return chat
 
 
+def _text_length(value: Any) -> int:
+    """Characters of text in a prompt, a chat or a preference value (before tokenising)."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_length(v) for v in value.values())
+    if isinstance(value, BaseModel):
+        return _text_length(getattr(value, "text", None) or getattr(value, "content", None))
+    if isinstance(value, (list, tuple)):
+        return sum(_text_length(v) for v in value)
+    return 0
+
+
 class _Translator:
     """Turns a validated body into an engine request, mapping core errors to 400s."""
 
@@ -176,6 +200,16 @@ class _Translator:
         if len(stop) > config.max_stop:
             raise APIError(400, f"at most {config.max_stop} stop sequences are allowed", param="stop", code="invalid_value")
 
+        chars = _text_length(prompt) + _text_length(body.preference)
+        if chars > config.max_prompt_chars:
+            raise APIError(
+                400,
+                f"the request's text is {chars} characters; this server accepts at most {config.max_prompt_chars} "
+                f"(its limit is {config.max_prompt_tokens} prompt tokens across all contexts)",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+
         alignment = body.alignment
         params = alignment.method_params() if alignment else {}
         preference_arg: Any = body.preference
@@ -196,6 +230,8 @@ class _Translator:
                 return max_tokens_param
             if field in ("prompt", "messages"):
                 return prompt_param
+            if field and field.startswith("messages.") and prompt_param == "prompt":
+                return "prompt"
             return field
 
         try:
@@ -215,8 +251,6 @@ class _Translator:
                 temperature = 0.0 if rule.beam_width > 1 else config.default_temperature
             if temperature > MAX_TEMPERATURE:
                 raise APIError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature", code="invalid_value")
-            if 0 < temperature < GREEDY_TEMPERATURE:
-                temperature = 0.0
             request = self.aligner.build_request(
                 prompt,
                 preference_arg,
@@ -237,23 +271,23 @@ class _Translator:
                 window = self.aligner.context_window
                 room = window - longest if window else config.max_tokens_cap
                 request.max_new_tokens = max(1, min(config.max_tokens_cap, room, default_max_tokens or room))
+            prompt_tokens = sum(len(ids) for _, ids in request.contexts)
+            if prompt_tokens > config.max_prompt_tokens:
+                raise ContextLengthError(
+                    f"the prompt is {prompt_tokens} tokens across the {len(request.contexts)} contexts of method "
+                    f"{rule.name!r}; this server allows at most {config.max_prompt_tokens} (serve --max-prompt-tokens)",
+                    field="prompt",
+                )
             # Engine.add validates what build_request does not (weights > 0, beam with
             # sampling); checking here gives the client a 400 instead of a failed job.
             self.aligner.engine.validate(request)
         except APIError:
             raise
-        except UnknownNameError as exc:
-            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code="invalid_value") from exc
         except PrefalignError as exc:
-            code = "context_length_exceeded" if "context window" in str(exc) else "invalid_value"
-            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code=code) from exc
+            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code=exc.code) from exc
         except (TypeError, ValueError) as exc:
             # Dataclass construction with a wrongly typed method parameter, e.g. plausibility="x".
             raise APIError(400, f"invalid alignment parameters: {exc}", param="alignment", code="invalid_value") from exc
-        except Exception as exc:
-            if type(exc).__name__ == "TemplateError":  # jinja2: the chat template rejected the messages
-                raise APIError(400, f"the model's chat template rejected the messages: {exc}", param=prompt_param, code="invalid_value") from exc
-            raise
 
         echo = {"method": rule.name, "template": alignment.template if alignment and alignment.template else self.aligner.template_for(rule)}
         echo.update(rule.params())
@@ -324,7 +358,16 @@ class _Shape:
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    # allow_nan=False: strict JSON, as JSONResponse (a NaN or Infinity is a bug, never sent).
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n\n"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived: nobody to answer."""
 
 
 class _SSEResponse(StreamingResponse):
@@ -345,11 +388,16 @@ class _SSEResponse(StreamingResponse):
             self._on_close()
 
 
+def _failed_request(result: GenerationResult) -> APIError:
+    """The error a client gets when its own request failed while decoding (no one else's did)."""
+    return APIError(500, f"request {result.request_id} failed: {result.error}", code="request_failed")
+
+
 def _job_error(event: BaseException) -> APIError:
     if isinstance(event, APIError):
         return event
     if isinstance(event, PrefalignError):
-        return APIError(400, _api_message(str(event)), param=event.field, code="invalid_value")
+        return APIError(400, _api_message(str(event)), param=event.field, code=event.code)
     if isinstance(event, SchedulerStoppedError):
         return APIError(503, str(event), code="server_shutting_down")
     if isinstance(event, EngineFailure):
@@ -380,6 +428,9 @@ def create_app(
     default_method: str = "amulet",
     default_temperature: float = 1.0,
     max_preferences: int = 8,
+    max_prompt_tokens: int = 8192,
+    prefill_chunk: int | None = None,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
 
@@ -395,6 +446,8 @@ def create_app(
     preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
     """
     make_method(default_method)  # fail at startup, not on the first request
+    if prefill_chunk is not None:
+        aligner.engine.prefill_chunk = prefill_chunk
     config = ServerConfig(
         model_id=model_id or default_model_id(aligner),
         api_key=api_key or None,
@@ -405,8 +458,13 @@ def create_app(
         default_method=default_method,
         default_temperature=default_temperature,
         max_preferences=max_preferences,
+        max_prompt_tokens=max_prompt_tokens,
+        body_timeout=body_timeout,
     )
     scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
+    # Rendering and tokenising (and a first PAD request's PRM load) run here, off the
+    # event loop; one worker, because a tokenizer is not safe to share between threads.
+    preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefalign-prepare")
     translator = _Translator(aligner, config)
     started = int(time.time())
 
@@ -417,6 +475,7 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(scheduler.stop)
+            preparer.shutdown(wait=False, cancel_futures=True)
 
     # No /docs or /openapi.json: they would be unauthenticated, and clients use OpenAI's docs.
     app = FastAPI(title="prefalign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -443,6 +502,11 @@ def create_app(
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return APIError(422, f"invalid value for '{param}': {first.get('msg', 'invalid request')}", param=param, code="invalid_type").response()
 
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, exc: _ClientGone) -> Response:
+        log.debug("client left before sending its whole body (%s %s)", request.method, request.url.path)
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -463,18 +527,36 @@ def create_app(
             )
 
     async def read_body(request: Request, schema: type[BaseModel]) -> Any:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            # Also what keeps a web page from posting here without a CORS preflight.
+            raise APIError(
+                415,
+                f"the body must be JSON sent with 'Content-Type: application/json' (got {media_type or 'no content type'!r})",
+                code="unsupported_media_type",
+            )
         limit = config.max_body_bytes
         too_large = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise too_large
-        raw = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: chunked bodies too
-            raw += chunk
-            if len(raw) > limit:
-                raise too_large
+
+        async def receive_all() -> bytes:
+            raw = bytearray()
+            async for chunk in request.stream():  # counted as it arrives: chunked bodies too
+                raw += chunk
+                if len(raw) > limit:
+                    raise too_large
+            return bytes(raw)
+
         try:
-            data = json.loads(bytes(raw))
+            raw = await asyncio.wait_for(receive_all(), timeout=config.body_timeout)
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {config.body_timeout:g} s", code="request_timeout") from None
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise APIError(400, f"could not parse the JSON body: {exc}", code="invalid_json") from exc
         if not isinstance(data, dict):
@@ -483,6 +565,10 @@ def create_app(
             return schema.model_validate(data)
         except ValidationError as exc:
             raise _schema_error(exc) from exc
+
+    async def prepare(*args: Any, **kwargs: Any) -> Prepared:
+        """``translator.prepare`` on the preparing thread, so the event loop never tokenises."""
+        return await asyncio.get_running_loop().run_in_executor(preparer, functools.partial(translator.prepare, *args, **kwargs))
 
     # -- generation ----------------------------------------------------------------------
 
@@ -510,6 +596,8 @@ def create_app(
                     return Response(status_code=499)
                 event = getter.result()
                 if isinstance(event, GenerationResult):
+                    if event.error is not None:
+                        raise _failed_request(event)
                     return JSONResponse(shape.full(event))
                 if isinstance(event, BaseException):
                     raise _job_error(event)
@@ -525,6 +613,9 @@ def create_app(
                 if event.text:
                     yield _sse(shape.chunk(event.text))
             elif isinstance(event, GenerationResult):
+                if event.error is not None:
+                    yield _sse(_failed_request(event).body())
+                    break
                 yield _sse(shape.chunk(None, finish_reason=event.finish_reason))
                 if shape.prepared.include_usage:
                     yield _sse(shape.usage_chunk(event))
@@ -541,7 +632,7 @@ def create_app(
         """OpenAI chat completions with per-request ``preference`` and ``alignment``."""
         body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
         use_completion = body.max_completion_tokens is not None
-        prepared = translator.prepare(
+        prepared = await prepare(
             body,
             _chat_from_messages(body.messages),
             prompt_param="messages",
@@ -560,7 +651,7 @@ def create_app(
             if len(prompt) != 1:
                 raise APIError(400, "exactly one prompt per request is supported", param="prompt", code="invalid_value")
             prompt = prompt[0]
-        prepared = translator.prepare(
+        prepared = await prepare(
             body, prompt, prompt_param="prompt", max_tokens=body.max_tokens, max_tokens_param="max_tokens", default_max_tokens=16
         )
         return await answer(request, prepared, chat=False)

@@ -34,6 +34,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting for a batch slot before 429.")] = 64,
     max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted (also the chat default).")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body; larger ones get 413.")] = 1_000_000,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Largest prompt, in tokens over all contexts of a request's method; larger ones get 400.")] = 8192,
+    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step, between decode steps of running streams (spreads a long prompt's cost).")] = 256,
     default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
@@ -65,6 +67,8 @@ def serve(
             max_body_bytes=max_body_bytes,
             model_id=served_model_name,
             default_method=default_method,
+            max_prompt_tokens=max_prompt_tokens,
+            prefill_chunk=prefill_chunk,
         )
     except PrefalignError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -18,7 +18,9 @@ ERROR_TYPES: dict[int, str] = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -53,10 +55,3 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def error_response(
-    status: int, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """Shortcut for ``APIError(...).response()``."""
-    return APIError(status, message, param=param, code=code, headers=headers).response()

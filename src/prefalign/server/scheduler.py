@@ -130,9 +130,10 @@ class SchedulerStats:
 class Scheduler:
     """Drive ``aligner.engine`` from one background thread with continuous batching.
 
-    ``aligner`` is anything with an ``engine`` attribute (an :class:`Engine`); after an
-    engine failure the scheduler installs a fresh engine there (same models) so that
-    later requests are served.
+    ``aligner`` is anything with an ``engine`` attribute (an :class:`Engine`). A request
+    that fails on its own is finished by the engine with an error result; only a
+    failure of the pass all running requests share fails them all (the engine resets
+    itself and goes on serving).
     """
 
     def __init__(self, aligner: Any, *, max_batch: int = 16, max_queue: int = 64) -> None:
@@ -290,6 +291,8 @@ class Scheduler:
                 else:
                     outbox.append((job, result))
                     self.stats.completion_tokens += result.usage.completion_tokens
+                    if result.error is not None:
+                        self.stats.failed += 1
                 done.append(job)
         _post_all(outbox)
         if done:
@@ -297,21 +300,20 @@ class Scheduler:
             with self._lock:
                 for job in done:
                     self._running.pop(job.id, None)
-                    self.stats.completed += 1
+                    self.stats.completed += 1  # finished, successfully or not (see failed)
                     if job.started_at is not None:
                         self._service_seconds = 0.8 * self._service_seconds + 0.2 * (now - job.started_at)
 
     def _recover(self, exc: BaseException) -> None:
-        """The engine raised mid-step: its state is unknown, so fail the running jobs
-        and replace it with a fresh engine over the same models. Waiting jobs stay."""
-        log.exception("engine step failed; failing %d running requests and resetting the engine", len(self._running))
+        """The pass that every running request shares raised: the engine has dropped them
+        all (Engine.step resets itself), so fail their jobs. Waiting jobs stay."""
+        log.error("engine step failed (%s: %s); failing %d running requests", type(exc).__name__, exc, len(self._running))
         with self._lock:
             failed = list(self._running.values())
             self._running.clear()
             self.stats.failed += len(failed)
             self.stats.engine_resets += 1
-            old = self.engine
-            self.aligner.engine = Engine(old.models, old.tokenizer, eos_token_ids=sorted(old.eos_token_ids))
+            self.engine.reset()
         message = f"the engine failed while decoding this request ({type(exc).__name__}: {exc}); please retry"
         for job in failed:
             job.post(EngineFailure(message))

@@ -567,3 +567,14 @@ def test_pad_reads_the_preference_through_the_prms_template(tiny_llama, tokenize
     assert [ids for _, ids in req.contexts] == [encode_context(tokenizer, to_chat("Hi"), text, "default")] * 2
     explicit = al.build_request("Hi", text, "pad", template="pad")
     assert explicit.contexts[0][1] == encode_context(tokenizer, to_chat("Hi"), text, "pad")
+
+
+def test_fused_pad_with_chunked_prefill_equals_whole_prefill(tiny_llama, tokenizer):
+    from prefalign.pad_fused import FusedPadModel
+
+    al = Aligner(tiny_llama, tokenizer)
+    al.add_model(PRM, FusedPadModel(tiny_llama, _trained_looking_prm(tiny_llama)))
+    whole = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=10)]
+    al.engine.prefill_chunk = 6
+    chunked = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=10)]
+    assert chunked == whole

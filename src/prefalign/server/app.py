@@ -224,7 +224,11 @@ class _Translator:
         method_fields = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
 
         def param_name(field: str | None) -> str | None:
-            if field in ("method", "template") or field in params or field in method_fields or field in PARAM_ALIASES.values():
+            # The spelling the client used: "lambda" when it sent lambda (the field is lam).
+            sent = next((key for key in params if PARAM_ALIASES.get(key, key) == field), None)
+            if sent is not None:
+                return f"alignment.{sent}"
+            if field in ("method", "template") or field in method_fields or field in PARAM_ALIASES.values():
                 return f"alignment.{field}"
             if field in ("max_new_tokens",):
                 return max_tokens_param

@@ -58,7 +58,8 @@ def serve_child(args: argparse.Namespace) -> None:
     """The child process: load the model, bind 127.0.0.1:0, print the port, serve."""
     torch.set_num_threads(args.threads)
     aligner = build_aligner(args.model, not args.no_fast)
-    app = create_app(aligner, max_batch=args.max_batch, max_queue=256, model_id="prefalign")
+    app = create_app(aligner, max_batch=args.max_batch, max_queue=256, model_id="prefalign",
+                     prefill_chunk=args.prefill_chunk, max_prompt_tokens=args.max_prompt_tokens)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     info = {
@@ -73,10 +74,11 @@ def serve_child(args: argparse.Namespace) -> None:
 class ServerProcess:
     """``serve_child`` in a subprocess; terminated on exit whatever happens."""
 
-    def __init__(self, args: argparse.Namespace, max_batch: int) -> None:
+    def __init__(self, args: argparse.Namespace, max_batch: int, extra: list[str] | None = None) -> None:
         command = [sys.executable, __file__, "--serve", "--model", args.model, "--threads", str(args.threads), "--max-batch", str(max_batch)]
         if args.no_fast:
             command.append("--no-fast")
+        command += extra or []
         self.command = command
         self.info: dict[str, Any] = {}
 
@@ -228,6 +230,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--max-batch", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step (default: the engine's, whole prompts)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=8192, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve_child(args)

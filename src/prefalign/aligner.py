@@ -222,6 +222,8 @@ class Aligner:
             stop=stop_strings,
             ignore_eos=ignore_eos,
             primary=rule.primary_context(len(weights)),
+            template=template,
+            preferences=tuple(preferences),
         )
 
     def encode_context(self, prompt: PromptLike, preference: str | None = None, template: str = "default") -> list[int]:

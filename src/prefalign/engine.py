@@ -107,6 +107,10 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: Index of the context whose prompt the answer continues (usage's prompt_tokens).
     primary: int = -1
+    #: What the contexts were rendered from (set by ``Aligner.build_request``), so that
+    #: the server's echo, the CLI's ``--json`` and the evaluation read it, not resolve it again.
+    template: str | None = None
+    preferences: tuple[Any, ...] = ()
 
 
 @dataclass

@@ -293,10 +293,10 @@ class _Translator:
             # Dataclass construction with a wrongly typed method parameter, e.g. plausibility="x".
             raise APIError(400, f"invalid alignment parameters: {exc}", param="alignment", code="invalid_value") from exc
 
-        echo = {"method": rule.name, "template": alignment.template if alignment and alignment.template else self.aligner.template_for(rule)}
+        echo = {"method": rule.name, "template": request.template}
         echo.update(rule.params())
         preference_echo = (
-            [{"text": p.text, "weight": p.weight, "name": p.name} for p in preferences] if rule.needs_preference else None
+            [{"text": p.text, "weight": p.weight, "name": p.name} for p in request.preferences] if rule.needs_preference else None
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Prepared(request, echo, preference_echo, bool(body.stream), include_usage)

@@ -121,7 +121,7 @@ def test_run_validates_every_request_before_queueing_any(llama_aligner):
     al = llama_aligner
     good = al.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=3)
     bad = al.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=3)
-    bad = GenerationRequest(contexts=bad.contexts, method=bad.method, weights=(0.0,), max_new_tokens=3)
+    bad = GenerationRequest(contexts=bad.contexts, method=bad.method, weights=(0.0,), sampling=bad.sampling)
     with pytest.raises(PrefalignError):
         al.engine.generate([good, bad])
     assert not al.engine.has_work

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -175,18 +176,36 @@ class Aligner:
         preference: Any = None,
         method: str | Method = "amulet",
         *,
-        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
         template: str | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
+        ignore_eos: bool | None = None,
         **method_params: Any,
     ) -> GenerationRequest:
-        """Validate one prompt's arguments and render its contexts into an engine request."""
+        """Validate one prompt's arguments and render its contexts into an engine request.
+
+        Decoding settings come as a :class:`SamplingParams` (``sampling``) or as its field
+        names (``max_new_tokens``, ``temperature``, ...), which override ``sampling``'s;
+        the remaining keywords are the method's parameters. ``max_new_tokens=None`` with
+        no ``sampling``: 128. Each setting is checked once, by the object that holds it.
+        """
         rule = make_method(method, **method_params)
+        overrides = {
+            name: value
+            for name, value in dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                stop=stop, ignore_eos=ignore_eos,
+            ).items()
+            if value is not None
+        }
+        if seed is not None:
+            overrides["seed"] = seed
+        decoding = dataclasses.replace(sampling or SamplingParams(), **overrides) if overrides else (sampling or SamplingParams())
         preferences = parse_preferences(preference)
         if rule.needs_preference and not preferences:
             raise PrefalignError(
@@ -196,31 +215,23 @@ class Aligner:
             )
         if not rule.needs_preference:
             preferences = preferences[:1]  # base ignores it; keep one so role indices stay valid
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}", field="max_new_tokens")
         chat = to_chat(prompt)
         template = template or self.template_for(rule)
         contexts = self._contexts(chat, preferences, rule, template)
         window = self.context_window
         longest = max(len(ids) for _, ids in contexts)
-        if window and longest + max_new_tokens > window:
+        if window and longest + decoding.max_new_tokens > window:
             raise ContextLengthError(
-                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context window "
+                f"prompt ({longest} tokens) + max_new_tokens ({decoding.max_new_tokens}) exceeds the model's context window "
                 f"of {window} tokens; lower max_new_tokens to at most {max(window - longest, 0)} or shorten the prompt",
                 field="max_new_tokens",
             )
-        if isinstance(stop, str):
-            stop = [stop]
-        stop_strings = tuple(s for s in (stop or ()) if s)
         weights = tuple(p.weight for p in preferences) or (1.0,)
         return GenerationRequest(
             contexts=contexts,
             method=rule,
             weights=weights,
-            max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-            stop=stop_strings,
-            ignore_eos=ignore_eos,
+            sampling=decoding,
             primary=rule.primary_context(len(weights)),
             template=template,
             preferences=tuple(preferences),

@@ -63,18 +63,45 @@ GREEDY_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How scores become tokens. ``temperature=0`` (or below 1e-5) means greedy (argmax).
+    """Every per-request decoding setting: how scores become tokens and when to stop.
+
+    ``temperature=0`` (or below 1e-5) means greedy (argmax); ``top_p``/``top_k`` (0 = off)
+    cut the sampled distribution; ``seed`` makes sampling reproducible whatever the batch;
+    ``max_new_tokens`` caps the answer; ``stop`` strings end it (the text is cut before
+    them); ``ignore_eos`` decodes past the end-of-sequence token.
 
     Every field is checked here, once, with an error naming it; the API, the CLI, the
-    server and the evaluation all build this object.
+    server and the evaluation all build this object (method parameters are checked by
+    the method objects, in the same way).
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {n!r}", field="max_new_tokens")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise PrefalignError(f"stop must be a string or a list of strings, got {self.stop!r}", field="stop")
+        for text in stop:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PrefalignError("stop contains text that is not valid Unicode (a lone surrogate?)", field="stop") from None
+        object.__setattr__(self, "stop", tuple(x for x in stop if x))
+        if not isinstance(self.ignore_eos, bool):
+            raise PrefalignError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", field="ignore_eos")
         t = self.temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or t < 0 or math.isinf(t):
             raise PrefalignError(f"temperature must be a finite number ≥ 0, got {t!r}", field="temperature")
@@ -100,10 +127,7 @@ class GenerationRequest:
     contexts: list[tuple[str, list[int]]]
     method: Method
     weights: tuple[float, ...] = (1.0,)
-    max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: Index of the context whose prompt the answer continues (usage's prompt_tokens).
     primary: int = -1
@@ -111,6 +135,18 @@ class GenerationRequest:
     #: the server's echo, the CLI's ``--json`` and the evaluation read it, not resolve it again.
     template: str | None = None
     preferences: tuple[Any, ...] = ()
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.sampling.stop
+
+    @property
+    def ignore_eos(self) -> bool:
+        return self.sampling.ignore_eos
 
 
 @dataclass
@@ -401,10 +437,8 @@ class Engine:
                 raise PrefalignError(f"context for role {role} given to model {model_key!r}")
             if not ids:
                 raise PrefalignError("a context has no tokens", field="prompt")
-        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-            raise PrefalignError(
-                f"max_new_tokens must be an integer ≥ 1, got {request.max_new_tokens!r}", field="max_new_tokens"
-            )
+        if not isinstance(request.sampling, SamplingParams):
+            raise PrefalignError("a request's sampling must be a SamplingParams", field="sampling")
         if not request.weights or any(not math.isfinite(w) or w <= 0 for w in request.weights) or not math.isfinite(sum(request.weights)):
             raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
         if request.method.beam_width > 1 and not request.sampling.greedy:

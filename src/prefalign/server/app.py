@@ -259,6 +259,7 @@ class _Translator:
                 prompt,
                 preference_arg,
                 rule,
+                # Unset: a placeholder until the contexts' length is known (below).
                 max_new_tokens=max_tokens if max_tokens is not None else 1,
                 template=alignment.template if alignment else None,
                 temperature=temperature,
@@ -274,7 +275,9 @@ class _Translator:
                 longest = max(len(ids) for _, ids in request.contexts)
                 window = self.aligner.context_window
                 room = window - longest if window else config.max_tokens_cap
-                request.max_new_tokens = max(1, min(config.max_tokens_cap, room, default_max_tokens or room))
+                request.sampling = dataclasses.replace(
+                    request.sampling, max_new_tokens=max(1, min(config.max_tokens_cap, room, default_max_tokens or room))
+                )
             prompt_tokens = sum(len(ids) for _, ids in request.contexts)
             if prompt_tokens > config.max_prompt_tokens:
                 raise ContextLengthError(

@@ -7,7 +7,8 @@ import torch
 
 from prefalign import Aligner
 from prefalign.compat import cache_kwargs
-from prefalign.engine import GenerationRequest, left_pad, positions_from_mask
+from prefalign.engine import GenerationRequest
+from prefalign.runners.kv_cache import left_pad, positions_from_mask
 from prefalign.errors import PrefalignError
 from prefalign.prompts import encode_context, to_chat
 

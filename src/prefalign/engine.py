@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .compat import cache_kwargs
 from .errors import PrefalignError
 from .methods import POLICY, Method
+from .runners import ModelRunner, Prefill, runner_for
+from .runners.kv_cache import left_pad, positions_from_mask
 
 _NEG_INF = float("-inf")
 log = logging.getLogger(__name__)
@@ -228,11 +228,9 @@ class _Active:
 
 @dataclass
 class _ModelState:
-    """Running rows of one model: its KV cache, attention mask and the next token to feed."""
+    """Running rows of one model (pass key): who they are, and the runner that holds their KV state."""
 
-    cache: Any = None
-    mask: torch.Tensor | None = None  # [R, L] long
-    next_tokens: torch.Tensor | None = None  # [R]
+    runner: ModelRunner
     rows: list[tuple[_Active, int, int]] = field(default_factory=list)  # (request, track, context)
 
 
@@ -241,24 +239,20 @@ class _PrefillPart:
     """The rows of one prefill group that one model (pass key) computes."""
 
     rows: list[tuple[_Active, int, int]]
-    ids: torch.Tensor  # [R, L] left-padded
-    mask: torch.Tensor  # [R, L]
-    positions: torch.Tensor  # [R, L]
-    cache: Any
-    done: int = 0  # columns already run through the model
-    logprobs: torch.Tensor | None = None  # last position's, once done == L
+    prefill: Prefill
 
     @property
     def finished(self) -> bool:
-        return self.done >= self.ids.shape[1]
+        return self.prefill.finished
+
+    @property
+    def logprobs(self) -> torch.Tensor | None:
+        return self.prefill.logprobs
 
     def select(self, keep: list[int]) -> None:
         """Keep only the rows at ``keep`` (a request left while it was being prefilled)."""
-        index = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
         self.rows = [self.rows[i] for i in keep]
-        self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
-        if self.done > 0:
-            self.cache.batch_select_indices(index)
+        self.prefill.select(keep)
 
 
 @dataclass
@@ -271,62 +265,6 @@ class _PrefillGroup:
     @property
     def finished(self) -> bool:
         return all(part.finished for part in self.parts.values())
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token sequences into ``(input_ids, attention_mask)``, both ``[n, longest]``."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
-        mask[i, length - len(s):] = 1
-    return ids, mask
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded prefill: real tokens count from 0, padding never shifts them."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _cache_layers(cache: Any) -> list[Any]:
-    layers = getattr(cache, "layers", None)
-    if layers is None or any(not hasattr(layer, "keys") for layer in layers):
-        raise PrefalignError(
-            f"the model's cache ({type(cache).__name__}) has no per-layer keys/values; prefalign's engine "
-            "needs a transformers DynamicCache-style cache to batch and reorder rows"
-        )
-    return layers
-
-
-def _pad_cache_left(cache: Any, pad: int) -> None:
-    if pad <= 0:
-        return
-    for layer in _cache_layers(cache):
-        layer.keys = F.pad(layer.keys, (0, 0, pad, 0))
-        layer.values = F.pad(layer.values, (0, 0, pad, 0))
-
-
-def _concat_caches(first: Any, second: Any) -> None:
-    """Append ``second``'s rows to ``first`` (same sequence length)."""
-    for a, b in zip(_cache_layers(first), _cache_layers(second)):
-        a.keys = torch.cat([a.keys, b.keys], dim=0)
-        a.values = torch.cat([a.values, b.values], dim=0)
-
-
-def _drop_cache_prefix(cache: Any, n: int) -> None:
-    for layer in _cache_layers(cache):
-        layer.keys = layer.keys[:, :, n:]
-        layer.values = layer.values[:, :, n:]
-
-
-def _check_cache_length(cache: Any, length: int) -> None:
-    for layer in _cache_layers(cache):
-        if layer.keys.shape[-2] != length:
-            raise PrefalignError(
-                "a cache layer dropped tokens (sliding-window attention past its window); "
-                "prefalign's engine supports sequences within the window only"
-            )
 
 
 # --- The engine --------------------------------------------------------------------
@@ -503,12 +441,14 @@ class Engine:
             for key, model in models.items():
                 state = self._states.get(key)
                 if owner[key] == key and state is not None and state.rows:
-                    logprobs[key] = self._decode_forward(key, model, state)
+                    logprobs[key] = state.runner.decode()
             for active in self._active.values():
                 active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
             for group in self._advance_prefill(models, deltas):
                 for key, part in group.parts.items():
-                    self._merge(key, part.cache, part.mask, part.rows)
+                    state = self._state(key, models)
+                    state.runner.join(part.prefill)
+                    state.rows.extend(part.rows)
                     assert part.logprobs is not None
                     logprobs[key] = torch.cat([logprobs[key], part.logprobs]) if key in logprobs else part.logprobs
                 for active in group.members:
@@ -547,18 +487,23 @@ class Engine:
     # -- prefill ----------------------------------------------------------------------
 
     def _new_group(self, members: list[_Active], models: Mapping[str, Any], owner: Mapping[str, str]) -> _PrefillGroup:
-        from transformers import DynamicCache
-
         parts: dict[str, _PrefillPart] = {}
         for key in dict.fromkeys(owner.values()):
             rows = [(a, 0, k) for a in members for k, (m, _) in enumerate(a.request.contexts) if owner.get(m, m) == key]
             if not rows:
                 continue
             seqs = [a.request.contexts[k][1] for a, _, k in rows]
-            ids, mask = left_pad(seqs, self.tokenizer.pad_token_id or 0, self._device(key))
-            cache = DynamicCache(config=getattr(models[key], "config", None))
-            parts[key] = _PrefillPart(rows=rows, ids=ids, mask=mask, positions=positions_from_mask(mask), cache=cache)
+            tags = [a.request.contexts[k][0] for a, _, k in rows]
+            parts[key] = _PrefillPart(rows=rows, prefill=self._state(key, models).runner.start_prefill(seqs, tags))
         return _PrefillGroup(members=members, parts=parts)
+
+    def _state(self, key: str, models: Mapping[str, Any]) -> _ModelState:
+        """The running state of pass key ``key`` (a fresh runner once it has no rows and its model changed)."""
+        state = self._states.get(key)
+        model = models[key]
+        if state is None or (not state.rows and getattr(state.runner, "model", model) is not model):
+            state = self._states[key] = _ModelState(runner=runner_for(model, self.tokenizer.pad_token_id or 0))
+        return state
 
     def _advance_prefill(self, models: Mapping[str, Any], deltas: list[Delta]) -> list[_PrefillGroup]:
         """Run the next chunk of each prefilling group, oldest first, within the token budget
@@ -574,15 +519,9 @@ class Engine:
                     left = budget.get(key)
                     if part.finished or (left is not None and left <= 0):
                         continue
-                    rows, length = part.ids.shape
-                    columns = length - part.done if left is None else max(1, min(length - part.done, left // rows))
-                    end = part.done + columns
-                    out = self._forward(models[key], part.ids[:, part.done:end], part.mask[:, :end], part.positions[:, part.done:end], part.cache, part.rows)
-                    part.done = end
-                    if part.finished:
-                        part.logprobs = out
+                    spent = self._state(key, models).runner.prefill_step(part.prefill, left)
                     if left is not None:
-                        budget[key] = left - columns * rows
+                        budget[key] = left - spent
                     for active in {id(a): a for a, _, _ in part.rows}.values():
                         active.usage.forward_passes += 1
             except Exception as exc:
@@ -620,7 +559,13 @@ class Engine:
         )
 
     def _device(self, key: str) -> torch.device:
-        return next(self.models[key].parameters()).device
+        device = getattr(self.models[key], "device", None)
+        if isinstance(device, torch.device):
+            return device
+        try:
+            return next(self.models[key].parameters()).device
+        except (AttributeError, StopIteration):
+            return torch.device("cpu")
 
     def _pass_owners(self, models: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Which model computes each key's rows: itself, or a model whose ``serves`` names it.
@@ -639,47 +584,6 @@ class Engine:
                 if served in owner and served != key and (own is None or not own.rows):
                     owner[served] = key
         return owner
-
-    def _forward(self, model: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, rows: list[tuple[_Active, int, int]] | None = None) -> torch.Tensor:
-        extra = {}
-        serves = getattr(model, "serves", None)
-        if serves and rows is not None:
-            extra["route"] = torch.tensor([serves.index(a.request.contexts[k][0]) for a, _, k in rows], device=mask.device)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(model, cache),
-            **extra,
-        )
-        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-
-    def _decode_forward(self, key: str, model: Any, state: _ModelState) -> torch.Tensor:
-        assert state.mask is not None and state.next_tokens is not None
-        positions = state.mask.sum(-1, keepdim=True)
-        state.mask = F.pad(state.mask, (0, 1), value=1)
-        logprobs = self._forward(model, state.next_tokens[:, None], state.mask, positions, state.cache, state.rows)
-        _check_cache_length(state.cache, state.mask.shape[1])
-        return logprobs
-
-    def _merge(self, key: str, cache: Any, mask: torch.Tensor, rows: list[tuple[_Active, int, int]]) -> None:
-        """Append freshly prefilled rows to the running rows of model ``key``."""
-        state = self._states.get(key)
-        placeholder = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
-        if state is None or not state.rows:
-            self._states[key] = _ModelState(cache=cache, mask=mask, next_tokens=placeholder, rows=list(rows))
-            return
-        assert state.mask is not None and state.next_tokens is not None
-        old_len, new_len = state.mask.shape[1], mask.shape[1]
-        _pad_cache_left(state.cache, new_len - old_len)
-        _pad_cache_left(cache, old_len - new_len)
-        length = max(old_len, new_len)
-        state.mask = torch.cat([F.pad(state.mask, (length - old_len, 0)), F.pad(mask, (length - new_len, 0))])
-        _concat_caches(state.cache, cache)
-        state.next_tokens = torch.cat([state.next_tokens, placeholder])
-        state.rows.extend(rows)
 
     # -- token choice ---------------------------------------------------------------
 
@@ -897,23 +801,8 @@ class Engine:
                         keep.append(source)
                         rows.append((active, t, k))
                         tokens.append(track.tokens[-1] if track.tokens else 0)
-            if not rows:
-                self._states[key] = _ModelState()
-                continue
-            assert state.mask is not None
-            device = state.mask.device
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            if keep != list(range(len(state.rows))):
-                state.cache.batch_select_indices(index)
-                state.mask = state.mask[index]
+            state.runner.select(keep, tokens)
             state.rows = rows
-            state.next_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
-            # Columns that are padding for every remaining row cost compute: drop them.
-            used = state.mask.any(dim=0).nonzero()
-            first = int(used[0]) if used.numel() else 0
-            if first > 0:
-                _drop_cache_prefix(state.cache, first)
-                state.mask = state.mask[:, first:]
         for active in self._active.values():
             for track in active.tracks:
                 track.parent = None

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from .compat import cache_kwargs
-from .engine import left_pad, positions_from_mask
+from .runners.kv_cache import last_logprobs, left_pad, positions_from_mask
 from .errors import PrefalignError
 from .methods import Method, make_method
 from .prompts import encode_context, parse_preferences, to_chat
@@ -80,9 +79,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
             positions = self.mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
         self.seen = input_ids.shape[1]
-        out = self.model(input_ids=ids.to(self.model.device), attention_mask=self.mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self.cache))
-        base = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        base = last_logprobs(self.model, ids.to(self.model.device), self.mask, positions, self.cache)
         pref = torch.log_softmax(scores.float(), dim=-1)
         vocab = min(base.shape[-1], pref.shape[-1])
         combined = self.method.combine(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1))

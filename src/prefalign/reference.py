@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .engine import GenerationRequest, left_pad, positions_from_mask
+from .engine import GenerationRequest
+from .runners.kv_cache import left_pad, positions_from_mask
 
 
 @torch.inference_mode()

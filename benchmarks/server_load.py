@@ -202,6 +202,22 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, budget: fl
     }
 
 
+def engine_tokens_per_s(args: argparse.Namespace) -> float:
+    """The engine alone (no server, this process) on the 1-client level's first request."""
+    torch.set_num_threads(args.threads)
+    aligner = build_aligner(args.model, not args.no_fast)
+    prompt = [{"role": "user", "content": PROMPTS[0]}]
+    kwargs = dict(preference=PREFERENCES[0], method="amulet", max_new_tokens=args.max_tokens, ignore_eos=True)
+    aligner.generate(prompt, **{**kwargs, "max_new_tokens": 4})  # warm-up, as the server's
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        tokens = sum(r.usage.completion_tokens for r in aligner.generate(prompt, **kwargs))
+        best = min(best, time.perf_counter() - start)
+    del aligner
+    return round(tokens / best, 2)
+
+
 def tiny_aligner() -> Aligner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -245,6 +261,8 @@ def main() -> None:
     modes = {"continuous": max(16, max(levels)), "sequential": 1}
     results = []
     info: dict[str, Any] = {}
+    engine_alone = engine_tokens_per_s(args)
+    print(f"{'engine':>10}  one request, no server   {engine_alone:8.1f} tok/s", flush=True)
     for mode in args.modes.split(","):
         with ServerProcess(args, modes[mode]) as server:
             info = server.info
@@ -263,7 +281,10 @@ def main() -> None:
     speedup = None
     if ("continuous", 1) in by and ("continuous", 16) in by:
         speedup = round(by[("continuous", 16)]["tokens_per_s"] / by[("continuous", 1)]["tokens_per_s"], 2)
+    one_client = by.get(("continuous", 1), {}).get("tokens_per_s")
     report = {
+        "engine_alone_tokens_per_s": engine_alone,
+        "server_1_client_vs_engine": round(one_client / engine_alone, 3) if one_client else None,
         "model": args.model,
         "model_id": info.get("model_id"),
         "fast_path": info.get("fast_path"),
@@ -291,6 +312,8 @@ def main() -> None:
         )
     if speedup is not None:
         print(f"\n16 clients vs 1 (continuous batching): {speedup}× aggregate tokens/s (target ≥ 4×)")
+    if report["server_1_client_vs_engine"] is not None:
+        print(f"one client through the server: {report['server_1_client_vs_engine']}× the engine alone ({engine_alone} tok/s)")
     print(f"wrote {args.out}")
 
 

@@ -477,6 +477,7 @@ class Engine:
                 for key, part in list(group.parts.items()):
                     keep = [i for i, (a, _, _) in enumerate(part.rows) if a.request.request_id not in self._cancelled]
                     if not keep:
+                        part.select([])  # frees what the runner holds for them
                         del group.parts[key]
                     elif len(keep) < len(part.rows):
                         part.select(keep)
@@ -525,6 +526,8 @@ class Engine:
                     for active in {id(a): a for a, _, _ in part.rows}.values():
                         active.usage.forward_passes += 1
             except Exception as exc:
+                for part in group.parts.values():
+                    part.select([])  # frees what the runner holds for them
                 if len(group.members) > 1:
                     # Find the culprit: each member is prefilled again on its own.
                     log.warning("prefill of %d requests failed (%s: %s); retrying them one by one", len(group.members), type(exc).__name__, exc)

@@ -31,7 +31,8 @@ class Prefill(Protocol):
     logprobs: torch.Tensor | None
 
     def select(self, keep: list[int]) -> None:
-        """Keep only these rows (their requests were cancelled mid-prefill)."""
+        """Keep only these rows (their requests were cancelled mid-prefill; ``[]``: none,
+        releasing whatever the runner holds for them)."""
 
 
 class ModelRunner(Protocol):

@@ -110,6 +110,9 @@ class CachePrefill:
         return self.done >= self.ids.shape[1]
 
     def select(self, keep: list[int]) -> None:
+        if not keep:
+            self.cache, self.tags = None, []
+            return
         index = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
         self.tags = [self.tags[i] for i in keep]
         self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]

@@ -18,6 +18,14 @@ from .prompts import Chat, Preference, PromptLike, encode_context, parse_prefere
 
 log = logging.getLogger(__name__)
 
+#: What runs the policy model.
+BACKENDS = ("transformers", "llamacpp")
+_PAD_BACKEND_MESSAGE = (
+    "method 'pad' runs on the transformers backend only: its reward model is the policy's torch backbone "
+    "plus LoRA adapters and a linear layer, which llama.cpp cannot apply to some rows of a batch; "
+    "load the model with backend='transformers' (CLI: --backend transformers)"
+)
+
 
 @dataclass
 class StreamEvent:
@@ -67,22 +75,36 @@ class Aligner:
         fast: bool | str = "auto",
         threads: int | None = None,
         prm: Any = None,
+        backend: str = "transformers",
     ) -> Aligner:
         """Load a model (default: the embedded SmolLM2-135M-Instruct) and wrap it.
 
+        ``backend="transformers"`` (default) runs the model in PyTorch; ``"llamacpp"`` runs
+        a GGUF file (the embedded model, a ``.gguf`` path or a directory holding one) in
+        llama.cpp's quantized kernels (``pip install 'prefalign[llamacpp]'``; every method
+        but ``pad``). On transformers:
         ``fast="auto"`` runs linear layers through prepacked oneDNN kernels (fp32) on CPUs
         that support them, keeping greedy tokens identical; ``True`` insists on it (error
         if unavailable); ``"bf16"`` packs weights in bf16 — faster, but it changes greedy
         tokens at near-ties (5 of 8 benchmark prompts), so it is opt-in; ``False`` keeps
         plain PyTorch.
-        ``threads`` sets torch's intra-op threads (None: leave as is).
+        ``threads`` sets torch's intra-op threads (and llama.cpp's; None: leave as is).
         ``prm``: a personalised reward model directory for method ``pad`` (``"default"``:
         the PRM shipped for the embedded model); None loads it lazily on first use.
         """
+        if backend not in BACKENDS:
+            raise PrefalignError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}", field="backend")
         if fast not in (True, False, "auto", "fp32", "bf16"):
             raise PrefalignError(f"fast must be true, false, 'auto', 'fp32' or 'bf16', got {fast!r}", field="fast")
         if threads is not None:
             torch.set_num_threads(int(threads))
+        if backend == "llamacpp":
+            if prm is not None:
+                raise PrefalignError(_PAD_BACKEND_MESSAGE, field="prm")
+            from .runners.llamacpp import gguf_path_for, load_llamacpp
+
+            lm, tokenizer = load_llamacpp(gguf_path_for(model), threads=threads)
+            return cls(lm, tokenizer)
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
         aligner = cls(lm, tokenizer)
         if prm is not None:  # before the fast path, so the PRM is built from plain layers
@@ -93,6 +115,11 @@ class Aligner:
             if reward_model is not None and reward_model is not lm and not getattr(reward_model, "serves", None):
                 _apply_fast_path(reward_model, "auto")
         return aligner
+
+    @property
+    def backend(self) -> str:
+        """``"transformers"`` or ``"llamacpp"``: what runs the policy model."""
+        return getattr(self.model, "backend", "transformers")
 
     def add_model(self, key: str, model: Any) -> None:
         """Make another model (e.g. a personalised reward model) available to methods."""
@@ -109,6 +136,8 @@ class Aligner:
         :class:`PrefalignError` naming what to do when there is none, and
         ``TokenizerMismatchError`` when the PRM was trained for another tokenizer.
         """
+        if self.backend != "transformers":
+            raise PrefalignError(_PAD_BACKEND_MESSAGE, field="method")
         name = getattr(self.model.config, "name_or_path", None) or type(self.model).__name__
         if path is None and name != EMBEDDED_DISPLAY_NAME:
             raise PrefalignError(

@@ -154,9 +154,17 @@ class TransformersRunner:
         return CachePrefill(ids=ids, mask=mask, positions=positions_from_mask(mask), cache=cache, tags=list(tags))
 
     def prefill_step(self, prefill: CachePrefill, budget: int | None) -> int:
+        """Run the next columns of the left-padded prompts; the budget counts prompt tokens,
+        not padding: prompts whose remaining tokens fit it run whole, else ``budget // rows``
+        columns at a time (at least one)."""
         rows, length = prefill.ids.shape
-        columns = length - prefill.done if budget is None else max(1, min(length - prefill.done, budget // rows))
+        remaining = int(prefill.mask[:, prefill.done:].sum())
+        if budget is None or remaining <= budget:
+            columns = length - prefill.done
+        else:
+            columns = max(1, min(length - prefill.done, budget // rows))
         end = prefill.done + columns
+        spent = int(prefill.mask[:, prefill.done:end].sum())
         out = last_logprobs(
             self.model, prefill.ids[:, prefill.done:end], prefill.mask[:, :end], prefill.positions[:, prefill.done:end],
             prefill.cache, self._route(prefill.tags),
@@ -164,7 +172,7 @@ class TransformersRunner:
         prefill.done = end
         if prefill.finished:
             prefill.logprobs = out
-        return columns * rows
+        return spent
 
     def join(self, prefill: CachePrefill) -> None:
         placeholder = torch.zeros(len(prefill.tags), dtype=torch.long, device=self.device)

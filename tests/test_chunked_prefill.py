@@ -143,3 +143,25 @@ def aligner(tiny_model, tokenizer):
 @pytest.fixture
 def llama_aligner(tiny_llama, tokenizer):
     return Aligner(tiny_llama, tokenizer)
+
+
+def test_a_much_longer_prompt_gets_its_own_cache_bucket(llama_aligner):
+    """Short rows are not padded to a long prompt's length (their cache is copied every
+    step); the answers are the ones each request gets alone."""
+    al = llama_aligner
+    engine = al.engine
+    short = al.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=12, ignore_eos=True)
+    long_prompt = "Tell me everything about the history of tea. " * 20
+    long = al.build_request(long_prompt, None, "base", max_new_tokens=4, ignore_eos=True)
+    engine.add(short)
+    engine.step()
+    engine.add(long)
+    engine.step()
+    runner = engine._states["policy"].runner
+    widths = sorted(b.mask.shape[1] for b in runner.buckets)
+    assert len(widths) == 2 and widths[0] < 60 < 200 < widths[1]
+    while engine.has_work:
+        engine.step()
+    assert engine.pop_result(short.request_id).token_ids == al.generate(PROMPTS[0], preference="concise", method="amulet", max_new_tokens=12, ignore_eos=True)[0].token_ids
+    assert engine.pop_result(long.request_id).token_ids == al.generate(long_prompt, method="base", max_new_tokens=4, ignore_eos=True)[0].token_ids
+    assert len(runner.buckets) <= 1

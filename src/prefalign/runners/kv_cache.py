@@ -120,8 +120,32 @@ class CachePrefill:
             self.cache.batch_select_indices(index)
 
 
+@dataclass
+class _Bucket:
+    """Rows of similar length sharing one left-padded cache."""
+
+    cache: Any
+    mask: torch.Tensor  # [r, L]
+    members: list[int]  # the engine's row index of each local row, in local order
+
+
+#: A prefill joins a bucket only if neither side must be padded to more than twice its
+#: length (+ this many columns): one 4,000-token prompt must not make every short row's
+#: cache (copied on every decode step) 4,000 columns long.
+PADDING_SLACK = 64
+
+
+def _fits(old: int, new: int) -> bool:
+    return max(old, new) <= 2 * min(old, new) + PADDING_SLACK
+
+
 class TransformersRunner:
-    """Running rows of one transformers causal LM: a ``DynamicCache``, a mask, next tokens.
+    """Running rows of one transformers causal LM: left-padded ``DynamicCache`` buckets.
+
+    Rows of similar lengths share one cache (one forward per step for all of them); a
+    prompt much longer or shorter than the running rows gets its own bucket (its own
+    forward) instead of padding everyone to its length. The engine sees one row order;
+    each bucket knows its rows' places in it.
 
     A model with a ``serves`` tuple (PAD's fused policy+PRM module) is told each row's
     key as ``route`` (indices into ``serves``).
@@ -131,9 +155,8 @@ class TransformersRunner:
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # [R, L]
-        self.next_tokens: torch.Tensor | None = None  # [R]
+        self.buckets: list[_Bucket] = []
+        self.next_tokens: torch.Tensor | None = None  # [R], the engine's row order
         self.tags: list[str] = []
 
     @property
@@ -175,45 +198,70 @@ class TransformersRunner:
         return spent
 
     def join(self, prefill: CachePrefill) -> None:
-        placeholder = torch.zeros(len(prefill.tags), dtype=torch.long, device=self.device)
-        if not self.tags:
-            self.cache, self.mask, self.next_tokens, self.tags = prefill.cache, prefill.mask, placeholder, list(prefill.tags)
+        start, n = len(self.tags), len(prefill.tags)
+        placeholder = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.next_tokens = placeholder if self.next_tokens is None else torch.cat([self.next_tokens, placeholder])
+        self.tags.extend(prefill.tags)
+        members = list(range(start, start + n))
+        new_len = prefill.mask.shape[1]
+        bucket = next((b for b in self.buckets if _fits(b.mask.shape[1], new_len)), None)
+        if bucket is None:
+            self.buckets.append(_Bucket(cache=prefill.cache, mask=prefill.mask, members=members))
             return
-        assert self.mask is not None and self.next_tokens is not None
-        old_len, new_len = self.mask.shape[1], prefill.mask.shape[1]
-        _pad_cache_left(self.cache, new_len - old_len)
+        old_len = bucket.mask.shape[1]
+        _pad_cache_left(bucket.cache, new_len - old_len)
         _pad_cache_left(prefill.cache, old_len - new_len)
         length = max(old_len, new_len)
-        self.mask = torch.cat([F.pad(self.mask, (length - old_len, 0)), F.pad(prefill.mask, (length - new_len, 0))])
-        _concat_caches(self.cache, prefill.cache)
-        self.next_tokens = torch.cat([self.next_tokens, placeholder])
-        self.tags.extend(prefill.tags)
+        bucket.mask = torch.cat([F.pad(bucket.mask, (length - old_len, 0)), F.pad(prefill.mask, (length - new_len, 0))])
+        _concat_caches(bucket.cache, prefill.cache)
+        bucket.members.extend(members)
 
     def decode(self) -> torch.Tensor:
-        assert self.mask is not None and self.next_tokens is not None
-        positions = self.mask.sum(-1, keepdim=True)
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        logprobs = last_logprobs(self.model, self.next_tokens[:, None], self.mask, positions, self.cache, self._route(self.tags))
-        _check_cache_length(self.cache, self.mask.shape[1])
-        return logprobs
+        assert self.next_tokens is not None
+        out: torch.Tensor | None = None
+        for bucket in self.buckets:
+            positions = bucket.mask.sum(-1, keepdim=True)
+            bucket.mask = F.pad(bucket.mask, (0, 1), value=1)
+            index = torch.tensor(bucket.members, dtype=torch.long, device=self.device)
+            logprobs = last_logprobs(
+                self.model, self.next_tokens[index][:, None], bucket.mask, positions, bucket.cache,
+                self._route([self.tags[m] for m in bucket.members]),
+            )
+            _check_cache_length(bucket.cache, bucket.mask.shape[1])
+            if len(self.buckets) == 1 and bucket.members == list(range(len(self.tags))):
+                return logprobs
+            if out is None:
+                out = logprobs.new_empty((len(self.tags), logprobs.shape[-1]))
+            out[index] = logprobs
+        assert out is not None
+        return out
 
     def select(self, keep: list[int], next_tokens: list[int]) -> None:
-        if not keep:
-            self.cache, self.mask, self.next_tokens, self.tags = None, None, None, []
-            return
-        assert self.mask is not None
-        if keep != list(range(len(self.tags))):
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.cache.batch_select_indices(index)
-            self.mask = self.mask[index]
-            self.tags = [self.tags[i] for i in keep]
-        self.next_tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device)
-        # Columns that are padding for every remaining row cost compute: drop them.
-        used = self.mask.any(dim=0).nonzero()
-        first = int(used[0]) if used.numel() else 0
-        if first > 0:
-            _drop_cache_prefix(self.cache, first)
-            self.mask = self.mask[:, first:]
+        where = {m: (b, local) for b, bucket in enumerate(self.buckets) for local, m in enumerate(bucket.members)}
+        picks: list[list[tuple[int, int]]] = [[] for _ in self.buckets]  # per bucket: (new row, old local row)
+        for new, old in enumerate(keep):
+            b, local = where[old]
+            picks[b].append((new, local))
+        buckets = []
+        for bucket, chosen in zip(self.buckets, picks):
+            if not chosen:
+                continue
+            local = [c for _, c in chosen]
+            if local != list(range(len(bucket.members))):
+                index = torch.tensor(local, dtype=torch.long, device=self.device)
+                bucket.cache.batch_select_indices(index)
+                bucket.mask = bucket.mask[index]
+            bucket.members = [n for n, _ in chosen]
+            # Columns that are padding for every remaining row cost compute: drop them.
+            used = bucket.mask.any(dim=0).nonzero()
+            first = int(used[0]) if used.numel() else 0
+            if first > 0:
+                _drop_cache_prefix(bucket.cache, first)
+                bucket.mask = bucket.mask[:, first:]
+            buckets.append(bucket)
+        self.buckets = buckets
+        self.tags = [self.tags[i] for i in keep]
+        self.next_tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device) if keep else None
 
 
 __all__ = ["CachePrefill", "TransformersRunner", "last_logprobs", "left_pad", "positions_from_mask"]

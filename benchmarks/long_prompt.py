@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="none,256,64", help="prefill_chunk settings to compare ('none' = whole prompt)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fast", action="store_true")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "llamacpp"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not 1 <= args.streams <= 32 or args.max_tokens > 1024 or args.prompt_tokens > 7000:
@@ -126,7 +127,7 @@ def main() -> None:
         print(f"prefill_chunk={spec:>5}  longest gap {row['longest_gap_s']:7.2f} s  median {row['median_gap_s']:.3f} s  "
               f"ratio {row['longest_over_median']:6.1f}  long prompt's first token {row['long_prompt_first_token_s']} s", flush=True)
     report = {
-        "model": args.model, "streams": args.streams, "stream_max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
+        "model": args.model, "backend": args.backend, "streams": args.streams, "stream_max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
         "torch_threads": args.threads, "cpu": platform.processor() or platform.machine(), "results": rows,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -48,16 +48,19 @@ PREFERENCES = ["concise", "formal", "verbose", "pleasant", "psoups:expert", "pso
 RESULTS = Path(__file__).resolve().parent / "results" / "server_load.json"
 
 
-def build_aligner(model: str, fast: bool) -> Aligner:
+def build_aligner(model: str, fast: bool, backend: str = "transformers", threads: int | None = None) -> Aligner:
     if model == "tiny":
         return tiny_aligner()
-    return Aligner.from_pretrained(None if model == "embedded" else model, fast="auto" if fast else False)
+    name = None if model == "embedded" else model
+    if backend == "llamacpp":
+        return Aligner.from_pretrained(name, backend="llamacpp", threads=threads)
+    return Aligner.from_pretrained(name, fast="auto" if fast else False)
 
 
 def serve_child(args: argparse.Namespace) -> None:
     """The child process: load the model, bind 127.0.0.1:0, print the port, serve."""
     torch.set_num_threads(args.threads)
-    aligner = build_aligner(args.model, not args.no_fast)
+    aligner = build_aligner(args.model, not args.no_fast, args.backend, args.threads)
     app = create_app(aligner, max_batch=args.max_batch, max_queue=256, model_id="prefalign",
                      prefill_chunk=args.prefill_chunk, max_prompt_tokens=args.max_prompt_tokens)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -75,7 +78,8 @@ class ServerProcess:
     """``serve_child`` in a subprocess; terminated on exit whatever happens."""
 
     def __init__(self, args: argparse.Namespace, max_batch: int, extra: list[str] | None = None) -> None:
-        command = [sys.executable, __file__, "--serve", "--model", args.model, "--threads", str(args.threads), "--max-batch", str(max_batch)]
+        command = [sys.executable, __file__, "--serve", "--model", args.model, "--threads", str(args.threads), "--max-batch", str(max_batch),
+                   "--backend", args.backend]
         if args.no_fast:
             command.append("--no-fast")
         command += extra or []
@@ -205,7 +209,7 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, budget: fl
 def engine_tokens_per_s(args: argparse.Namespace) -> float:
     """The engine alone (no server, this process) on the 1-client level's first request."""
     torch.set_num_threads(args.threads)
-    aligner = build_aligner(args.model, not args.no_fast)
+    aligner = build_aligner(args.model, not args.no_fast, args.backend, args.threads)
     prompt = [{"role": "user", "content": PROMPTS[0]}]
     kwargs = dict(preference=PREFERENCES[0], method="amulet", max_new_tokens=args.max_tokens, ignore_eos=True)
     aligner.generate(prompt, **{**kwargs, "max_new_tokens": 4})  # warm-up, as the server's
@@ -243,6 +247,7 @@ def main() -> None:
     parser.add_argument("--modes", default="continuous,sequential", help="continuous (max_batch=16) and/or sequential (max_batch=1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark machine may be shared)")
     parser.add_argument("--no-fast", action="store_true", help="disable the CPU fast path")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "llamacpp"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--max-batch", type=int, default=16, help=argparse.SUPPRESS)
@@ -286,6 +291,7 @@ def main() -> None:
         "engine_alone_tokens_per_s": engine_alone,
         "server_1_client_vs_engine": round(one_client / engine_alone, 3) if one_client else None,
         "model": args.model,
+        "backend": args.backend,
         "model_id": info.get("model_id"),
         "fast_path": info.get("fast_path"),
         "torch_threads": args.threads,

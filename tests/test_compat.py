@@ -11,7 +11,7 @@ from torch import nn
 
 from prefalign import Aligner
 from prefalign.compat import CACHE, LEGACY_CACHE, cache_keyword, cache_kwargs, output_cache
-from prefalign.pad_fused import fuse_pad
+from prefalign.pad_fused import FusedPadModel
 from prefalign.prm import build_prm
 
 
@@ -60,7 +60,7 @@ def test_keyword_follows_the_declared_forward(tiny_model):
 def test_wrappers_answer_for_the_model_they_wrap(tiny_llama):
     prm = build_prm(tiny_llama)
     assert prm.cache_keyword == cache_keyword(prm.backbone)
-    assert cache_keyword(fuse_pad(tiny_llama, prm)) == cache_keyword(tiny_llama)
+    assert cache_keyword(FusedPadModel(tiny_llama, prm)) == cache_keyword(tiny_llama)
 
 
 def test_prm_returns_its_cache_under_the_output_class_field(tiny_llama, tokenizer):

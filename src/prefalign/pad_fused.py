@@ -148,8 +148,3 @@ class FusedPadModel(nn.Module):
                 handle.remove()
             for _, shared, _, _ in self._lora:
                 shared["x"] = shared["low"] = None  # drop the references to this call's activations
-
-
-def fuse_pad(policy: nn.Module, prm: Any) -> FusedPadModel:
-    """Wrap ``policy`` and an unmerged PRM (``load_prm(..., merge=False)``) for one-pass PAD."""
-    return FusedPadModel(policy, prm)

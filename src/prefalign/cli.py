@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (
@@ -294,7 +295,7 @@ def chat(
                 else:
                     console.print(f"[red]unknown command /{command}[/] (try /help)", highlight=False)
             except PrefalignError as exc:
-                console.print(f"[red]{exc}[/]", highlight=False)
+                console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
             continue
         history.append({"role": "user", "content": line})
         answer = ""
@@ -312,7 +313,7 @@ def chat(
             history.pop()
         except PrefalignError as exc:
             history.pop()
-            console.print(f"[red]{exc}[/]", highlight=False)
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
 
 
 @app.command()

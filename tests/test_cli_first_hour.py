@@ -238,3 +238,34 @@ def test_one_data_dir_rule(tmp_path, monkeypatch):
     assert data_dir() is None  # a set $PREFALIGN_DATA is not silently replaced
     result = runner.invoke(app, ["make-pairs", "--help"], env={"COLUMNS": "80"})
     assert "$PREFALIGN_DATA" in result.output
+
+
+def test_streamed_text_breaks_lines_between_words():
+    import io
+
+    from prefalign.cli import WordWrapper
+
+    buffer = io.StringIO()
+    out = WordWrapper(buffer, 20)
+    for piece in ["The sky is bl", "ue because of Rayl", "eigh scattering of light.\nNew line"]:
+        out.write(piece)
+    out.finish()
+    lines = buffer.getvalue().splitlines()
+    assert all(len(line) <= 20 for line in lines)
+    assert " ".join(" ".join(lines[:-1]).split()) == "The sky is blue because of Rayleigh scattering of light."
+    assert lines[-1] == "New line"
+
+
+def test_demo_is_compact_at_80_columns(tiny_llama, tokenizer):
+    from rich.console import Console
+
+    from prefalign import Aligner
+    from prefalign.demo import clip_words, run_demo
+
+    assert clip_words("one two three four", 12) == "one two …"
+    console = Console(width=80, record=True, file=__import__("io").StringIO())
+    run_demo(Aligner(tiny_llama, tokenizer), limit=2, max_new_tokens=8, console=console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert text.count("\n base ") == 2  # the base answer once per prompt, not once per preference
+    assert "concise · pref" in text

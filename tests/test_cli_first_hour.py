@@ -88,7 +88,7 @@ def test_train_prm_refuses_to_replace_a_trained_prm(no_model, monkeypatch, tmp_p
     pairs.write_text("{}\n")
     out = tmp_path / "prm"
     out.mkdir()
-    (out / "prm_config.json").write_text(json.dumps({"training": {"status": "done", "data": {"pairs": 12}}}))
+    (out / "prm_config.json").write_text(json.dumps({"extra": {"training": {"status": "done", "data": {"pairs": 12}}}}))
     result = runner.invoke(app, ["train-prm", str(pairs), "--output", str(out)])
     assert result.exit_code == 2
     assert "holds a trained PRM (status done, 12 pairs)" in result.output and "--overwrite" in result.output

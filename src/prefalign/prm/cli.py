@@ -154,9 +154,10 @@ def _check_train_output(output: Path, *, resume: bool, overwrite: bool) -> str |
     if not config_file.is_file():
         return None
     try:
-        training = json.loads(config_file.read_text(encoding="utf-8")).get("training") or {}
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError:
-        training = {}
+        config = {}
+    training = (config.get("extra") or {}).get("training") or config.get("training") or {}
     what = f"{output} holds a trained PRM (status {training.get('status', 'unknown')}"
     pairs = (training.get("data") or {}).get("pairs")
     what += f", {pairs} pairs)" if pairs else ")"

@@ -269,3 +269,70 @@ def test_demo_is_compact_at_80_columns(tiny_llama, tokenizer):
     assert max(len(line) for line in text.splitlines()) <= 80
     assert text.count("\n base ") == 2  # the base answer once per prompt, not once per preference
     assert "concise · pref" in text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_chat_in_a_terminal_has_history_and_explains_ctrl_c(model_dir, tmp_path):
+    """Up-arrow recalls the last line (readline), Ctrl-C at the prompt says how to quit."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+
+    main, secondary = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "80", "TERM": "xterm", "NO_COLOR": "1"}
+    proc = subprocess.Popen(
+        # A test runner started in the background inherits SIGINT ignored; restore Python's handler.
+        [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "sys.argv[0] = 'prefalign'; from prefalign.cli import main; main()",
+         "chat", "--model", model_dir, "--fast", "off", "-n", "2"],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=env, close_fds=True,
+    )
+    os.close(secondary)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(main, 4096)
+                except OSError:
+                    break
+        assert marker in seen, seen.decode(errors="replace")
+
+    def read_some() -> None:
+        nonlocal seen
+        ready, _, _ = select.select([main], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(main, 4096)
+            except OSError:
+                pass
+
+    def wait_prompt(n: int) -> None:  # the n-th "you> " prompt: readline is reading
+        deadline = time.monotonic() + 90
+        while seen.count(b"you> ") < n and time.monotonic() < deadline and proc.poll() is None:
+            read_some()
+        assert seen.count(b"you> ") >= n, seen.decode(errors="replace")
+
+    try:
+        wait_prompt(1)
+        os.write(main, b"/method\r")
+        wait_prompt(2)
+        assert seen.count(b"method: base") == 1
+        os.write(main, b"\x1b[A\r")  # Up, Enter: the same command again
+        wait_prompt(3)
+        assert seen.count(b"method: base") == 2, seen.decode(errors="replace")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt (the pty is not its controlling terminal)
+        read_until(b"type /quit or press Ctrl-D to leave")
+        wait_prompt(4)
+        os.write(main, b"/quit\r")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)

@@ -287,7 +287,7 @@ def chat(
         f"preference [magenta]{describe_preferences(prefs())}[/]",
         highlight=False,
     )
-    console.print("[dim]/help for commands · /quit or Ctrl-D to leave[/]")
+    console.print("[dim]/help for commands · /quit or Ctrl-D to leave[/]", highlight=False)
     interrupted = False
     while True:
         try:
@@ -301,7 +301,7 @@ def chat(
                 console.print()
                 return
             interrupted = True
-            console.print("\n[dim](type /quit or press Ctrl-D to leave; Ctrl-C again quits)[/]")
+            console.print("\n[dim](type /quit or press Ctrl-D to leave; Ctrl-C again quits)[/]", highlight=False)
             continue
         if not line:
             continue

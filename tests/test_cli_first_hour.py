@@ -327,7 +327,11 @@ def test_chat_in_a_terminal_has_history_and_explains_ctrl_c(model_dir, tmp_path)
         os.write(main, b"\x1b[A\r")  # Up, Enter: the same command again
         wait_prompt(3)
         assert seen.count(b"method: base") == 2, seen.decode(errors="replace")
-        proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt (the pty is not its controlling terminal)
+        # Ctrl-C at the prompt (the pty is not its controlling terminal). A signal that lands
+        # between readline printing the prompt and waiting for input is only seen at the next
+        # key, so give readline a moment to start waiting.
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
         read_until(b"type /quit or press Ctrl-D to leave")
         wait_prompt(4)
         os.write(main, b"/quit\r")

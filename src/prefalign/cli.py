@@ -352,14 +352,15 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         answer = ""
+        out = WordWrapper(sys.stdout, console.width if sys.stdout.isatty() else None)
         try:
             for event in aligner.stream(
                 history, preference=prefs(), method=current_method(), max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, seed=seed, **params,
             ):
                 answer += event.text
-                console.print(event.text, end="", markup=False, highlight=False)
-            console.print()
+                out.write(event.text)
+            out.finish()
             history.append({"role": "assistant", "content": answer})
         except KeyboardInterrupt:
             console.print("\n[dim](interrupted)[/]")

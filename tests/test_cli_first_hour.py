@@ -340,3 +340,12 @@ def test_chat_in_a_terminal_has_history_and_explains_ctrl_c(model_dir, tmp_path)
         if proc.poll() is None:
             proc.kill()
         os.close(main)
+
+
+def test_loading_a_model_prints_no_progress_bar(model_dir, capfd):
+    from prefalign.models import load_model
+
+    capfd.readouterr()
+    load_model(model_dir)
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out

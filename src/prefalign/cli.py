@@ -1,4 +1,4 @@
-"""Command line: ``prefalign generate | chat | methods | demo | bench | serve | eval | report | train-prm | make-pairs``."""
+"""Command line: ``prefalign generate | chat | methods | demo | setup | cache | bench | serve | eval | report | train-prm | make-pairs``."""
 
 from __future__ import annotations
 

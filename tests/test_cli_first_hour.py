@@ -349,3 +349,23 @@ def test_loading_a_model_prints_no_progress_bar(model_dir, capfd):
     load_model(model_dir)
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
+
+
+def test_the_command_line_works_without_the_server_extra():
+    """A plain `pip install prefalign` has no fastapi: every other command still runs."""
+    import os
+    import subprocess
+
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None; "
+            "sys.argv[0] = 'prefalign'; from prefalign.cli import main; main()")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "80"}
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, env=env)
+    assert helped.returncode == 0, helped.stderr
+    assert "serve" in helped.stdout
+    serve_help = subprocess.run([sys.executable, "-c", code, "serve", "--help"], capture_output=True, text=True, env=env)
+    assert serve_help.returncode == 0 and "pip install 'prefalign[server]'" in " ".join(serve_help.stdout.split())
+    served = subprocess.run([sys.executable, "-c", code, "serve", "--port", "9"], capture_output=True, text=True, env=env)
+    assert served.returncode == 2
+    assert "pip install 'prefalign[server]'" in served.stderr and "Traceback" not in served.stderr
+    methods = subprocess.run([sys.executable, "-c", code, "methods", "--json"], capture_output=True, text=True, env=env)
+    assert methods.returncode == 0 and '"amulet"' in methods.stdout

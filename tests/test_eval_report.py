@@ -183,3 +183,60 @@ def test_report_with_a_ceiling_draws_its_plots(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _verbose_rows()))
     md = write_report(tmp_path).read_text()
     assert "best possible" in md and (tmp_path / "win_rates.png").stat().st_size > 10_000
+
+
+def _captured_figures(monkeypatch):
+    from prefalign.eval import plots
+
+    figures = []
+    original = plots._figure
+
+    def capture(*args, **kwargs):
+        figures.append(original(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(plots, "_figure", capture)
+    return figures
+
+
+def test_win_rate_plot_draws_no_mirrored_panel_and_no_legend_for_an_absent_bar(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from prefalign.eval.plots import plot_win_rates
+
+    figures = _captured_figures(monkeypatch)
+    plot_win_rates(analyse(_rows()), tmp_path / "w.png")
+    (fig,) = figures
+    pref_panel, base_panel = fig.axes[:2]
+    labels = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]  # noqa: E731
+    assert "base" in labels(pref_panel)
+    assert "pref" not in labels(base_panel)  # pref vs base = 1 − base vs pref: not drawn again
+    assert "1 − the panel above" in base_panel.get_ylabel()
+    assert "best possible" not in labels(pref_panel) + labels(base_panel)
+    assert "best possible" not in fig.get_suptitle()  # no ceiling here: the title names no bar
+    assert pref_panel.get_ylim()[1] > 1.05
+
+
+def test_win_rate_plot_says_when_every_answer_collapsed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from prefalign.eval.plots import plot_win_rates
+
+    rows = _rows()
+    for r in rows:
+        r["guards"]["perplexity"] = 100.0 if r["variant"] != "base" else 10.0
+    figures = _captured_figures(monkeypatch)
+    plot_win_rates(analyse(rows), tmp_path / "w.png")
+    texts = [t.get_text() for ax in figures[0].axes for t in ax.texts]
+    assert any("every pair had a collapsed answer" in t for t in texts)
+
+
+def test_collapse_mark_sits_beyond_the_error_bar(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from prefalign.eval.plots import plot_scores
+
+    a = analyse(_rows())
+    figures = _captured_figures(monkeypatch)
+    plot_scores(a, tmp_path / "s.png")
+    ax = figures[0].axes[a.preferences.index("concise")]
+    (mark,) = [t for t in ax.texts if t.get_text().startswith("†")]
+    c = a.scores[("concise", "amulet")]
+    assert mark.xy[1] >= c.high - 1e-9  # at the whisker's end, not on the bar's top inside the error bar

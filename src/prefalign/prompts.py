@@ -169,8 +169,11 @@ def _parse_one(item: Any) -> Preference:
         if preset is not None:
             name, text = text.strip(), preset
         elif _looks_like_preset(text) and text.strip():
+            from .suggest import did_you_mean
+
+            names = [k.split(":", 1)[1] for k in PRESETS] + list(PRESETS)
             raise UnknownNameError(
-                f"unknown preference preset {text.strip()!r}; known presets: "
+                f"unknown preference preset {text.strip()!r}{did_you_mean(text, names)}; known presets: "
                 f"{', '.join(sorted(PRESETS))}. Write a sentence to use free text.",
                 field="preference",
             )

@@ -80,8 +80,10 @@ def plot_scores(a: Analysis, path: Path) -> Path:
             hi = max(c.high - c.mean, 0) if _finite(c.high) else 0
             ax.bar([k], [c.mean], color=colors[v], yerr=[[lo], [hi]], capsize=3,
                    error_kw={"elinewidth": 1, "ecolor": "#333333"})
-            if c.collapsed:
-                ax.annotate(f"†{c.collapsed}", (k, c.mean), fontsize=6, ha="center", xytext=(0, 2),
+            if c.collapsed:  # beyond the error bar's end, so that the two do not overlap
+                up = c.mean >= 0
+                ax.annotate(f"†{c.collapsed}", (k, c.mean + hi if up else c.mean - lo), fontsize=6, ha="center",
+                            va="bottom" if up else "top", xytext=(0, 2 if up else -2),
                             textcoords="offset points", color="#d62728")
             drawn.append((k, c.mean))
         if drawn:  # outline the best bar(s), ties included, as the table bolds them
@@ -94,6 +96,8 @@ def plot_scores(a: Analysis, path: Path) -> Path:
         ax.set_ylabel(units if len(units) < 30 else units[:28] + "…", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.axhline(0, color="black", linewidth=0.5)
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top + 0.12 * (top - bottom))  # room above the whiskers for the †k marks
     for j in range(len(prefs), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     fig.suptitle("Mean judge score per method, 95% bootstrap interval\n"
@@ -111,10 +115,14 @@ def plot_win_rates(a: Analysis, path: Path) -> Path | None:
     fig = _figure(max(6.0, 0.75 * len(groups) + 3.0), 2.8 * len(refs) + 0.9)
     axes = fig.subplots(len(refs), 1, squeeze=False)
     colors = _colors(a.variants, a)
+    any_ceiling = False
     for row, ref in enumerate(refs):
         ax = axes[row][0]
-        variants = [v for v in a.variants if v != ref]
+        # pref-vs-base is 1 − base-vs-pref (drawn in the pref panel): not drawn twice, mirrored.
+        mirrored = [r for r in refs[:row] if r != ref]
+        variants = [v for v in a.variants if v != ref and v not in mirrored]
         step = 0.7 / max(len(variants), 1)
+        drawn = 0
         for k, v in enumerate(variants):
             xs, ys, lo, hi = [], [], [], []
             for g, p in enumerate(groups):
@@ -125,26 +133,38 @@ def plot_win_rates(a: Analysis, path: Path) -> Path | None:
                 ys.append(w.rate)
                 lo.append(max(w.rate - w.low, 0))
                 hi.append(max(w.high - w.rate, 0))
+            drawn += len(xs)
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", markersize=4.5, capsize=2, elinewidth=1,
                         color=colors[v], label=v)
+        if not drawn:
+            ax.text((len(groups) - 1) / 2, 0.5, f"no pairs to compare with {ref}: every pair had a collapsed answer",
+                    ha="center", va="center", fontsize=8, color="#d62728")
         ax.axhline(0.5, color="black", linestyle="--", linewidth=0.8)
         label = "best possible"  # the best any answer could reach, where below 1 (see Ceiling)
         for g, p in enumerate(groups):
             c = a.ceilings.get(ref, {}).get("*all*" if p == "all" else p)
-            if c is not None and c.capped:
-                ax.hlines(c.rate, g - 0.42, g + 0.42, color="black", linewidth=2.2, label=label)
+            if c is not None and c.capped and c.rate < 1 - 1e-9:
+                ax.hlines(c.rate, g - 0.42, g + 0.42, color="black", linewidth=2.2, label=label, zorder=3)
                 label = None
+                any_ceiling = True
         ax.axvline(len(a.preferences) - 0.5, color="#999999", linewidth=0.6)
         for g in range(1, len(groups), 2):  # shade every other group so dots read as groups
             ax.axvspan(g - 0.5, g + 0.5, color="#f2f2f2", zorder=0)
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.5, len(groups) - 0.5)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_ylabel(f"win rate vs {ref}", fontsize=8)
+        ax.set_ylim(-0.06, 1.08)  # a point or bar at 0 or 1 stays clear of the frame
+        ylabel = f"win rate vs {ref}"
+        if mirrored:
+            ylabel += f"\n({', '.join(mirrored)}: 1 − the panel above)"
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
-        ax.legend(fontsize=7, ncols=min(len(variants), 6), loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+        if drawn or label is None:
+            longest = max((len(v) for v in variants), default=0)
+            per_row = 6 if longest <= 12 else 4 if longest <= 24 else 2  # long variant names: fewer per row, none cut
+            ax.legend(fontsize=7, ncols=min(len(variants) + 1, per_row), loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     fig.suptitle("Win rate by the preference's judge: ties count half, 95% bootstrap interval over prompts,\n"
-                 "collapsed pairs left out; 0.5 (dashed) = no effect; black bar: best possible", fontsize=9)
+                 "collapsed pairs left out; 0.5 (dashed) = no effect" + ("; black bar: best possible" if any_ceiling else ""),
+                 fontsize=9)
     fig.savefig(path)
     return path
 

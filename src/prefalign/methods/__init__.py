@@ -38,8 +38,10 @@ def method_class(name: str) -> type[Method]:
     """The class registered under ``name``, or a clear error listing the known ones."""
     if isinstance(name, str) and name.lower() in METHODS:
         return METHODS[name.lower()]
+    from ..suggest import did_you_mean
+
     raise UnknownNameError(
-        f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))} (see `prefalign methods`)",
+        f"unknown method {name!r}{did_you_mean(str(name), METHODS)}; choose one of {', '.join(sorted(METHODS))} (see `prefalign methods`)",
         field="method",
     )
 

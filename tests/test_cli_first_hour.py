@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory, tiny_llama, tokenizer):
     [
         (["--method", "amulett"], "did you mean 'amulet'?"),
         (["-p", "conciese"], "did you mean 'concise'?"),
-        (["--max-new-tokens", "-5"], "--max-new-tokens must be an integer ≥ 1"),
+        (["--max-new-tokens", "-5"], "max_new_tokens must be an integer ≥ 1"),
         (["--method", "amulet"], "needs a preference"),
         (["--method", "amulet", "-p", "concise", "-P", "eta=0"], "eta"),
         (["--method", "pad", "-p", "concise", "--w", "1.6", "-P", "w=2"], "disagree"),

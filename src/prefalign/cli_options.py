@@ -232,9 +232,8 @@ def check_request(
             f"unknown --template {template!r}{did_you_mean(template, TEMPLATES)}; choose one of {', '.join(TEMPLATES)}",
             field="template",
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise PrefalignError(f"--max-new-tokens must be an integer ≥ 1, got {max_new_tokens!r}", field="max_new_tokens")
-    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    # The object every caller builds checks these, so the CLI says what the API says.
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
     uses_prm = PRM in rule.extra_models
     if prm is not None:
         if not uses_prm:

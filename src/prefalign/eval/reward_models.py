@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from ..errors import ModelLoadError, PrefalignError
 
-__all__ = ["ARMORM_OBJECTIVES", "HH_LAYOUT", "RewardModelJudge", "RewardModelSpec", "parse_rm_spec"]
+__all__ = ["ARMORM_OBJECTIVES", "HH_LAYOUT", "RewardModelJudge", "RewardModelSpec", "check_rm_spec", "parse_rm_spec"]
 
 #: The 19 objective columns of ``RLHFlow/ArmoRM-Llama3-8B-v0.1`` (its model card), in order.
 ARMORM_OBJECTIVES = (
@@ -178,6 +178,29 @@ def _config_dict(source: str) -> dict[str, Any]:
     return config
 
 
+def check_rm_spec(spec: RewardModelSpec | str, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Read the judge's config.json and refuse custom code without opt-in, loading no weights.
+
+    What ``prefalign eval --judge rm:...`` runs before decoding starts, so a wrong path,
+    an unreachable hub or a missing ``--judge-trust-remote-code`` fails in seconds.
+    """
+    s = parse_rm_spec(spec) if isinstance(spec, str) else spec
+    config = _config_dict(s.source)
+    _refuse_remote_code(s.source, config, trust_remote_code)
+    return config
+
+
+def _refuse_remote_code(source: str, config: dict[str, Any], trust_remote_code: bool) -> None:
+    auto_map = config.get("auto_map") or {}
+    if auto_map and not trust_remote_code:
+        raise ModelLoadError(
+            f"reward model {source!r} ships its own model code (auto_map: {', '.join(sorted(auto_map))}); "
+            "loading it runs that code. If you trust it, rerun with --judge-trust-remote-code "
+            "(Python: trust_remote_code=True).",
+            field="judge",
+        )
+
+
 class RewardModelJudge:
     """A sequence-classification model that scores answers (higher = better).
 
@@ -228,14 +251,7 @@ class RewardModelJudge:
 
         source = self.spec.source
         config = _config_dict(source)  # fails fast (offline hub, missing dir) before any weights
-        auto_map = config.get("auto_map") or {}
-        if auto_map and not self.trust_remote_code:
-            raise ModelLoadError(
-                f"reward model {source!r} ships its own model code (auto_map: {', '.join(sorted(auto_map))}); "
-                "loading it runs that code. If you trust it, rerun with --judge-trust-remote-code "
-                "(Python: trust_remote_code=True).",
-                field="judge",
-            )
+        _refuse_remote_code(source, config, self.trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

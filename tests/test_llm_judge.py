@@ -1,0 +1,317 @@
+"""Pairwise LLM judges against a stub OpenAI-compatible server on 127.0.0.1.
+
+The stub (``http.server`` in a thread) decides each question by a rule on the two
+answers it is shown and can be told to answer 429, 500, to stall past the client's
+timeout, or to reply with a malformed verdict, so retries, re-asks, swapping, caching
+and resuming are all checked against what the server actually received.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from prefalign.errors import PrefalignError
+from prefalign.eval.judging import build_judges, check_judge_specs, judge_run
+from prefalign.eval.llm_judge import (
+    AMULET_JUDGE_PROMPT,
+    AMULET_JUDGE_SYSTEM,
+    AMULET_REASK,
+    PairwiseLLMJudge,
+    parse_llm_spec,
+    parse_verdict,
+)
+
+pytest.importorskip("openai")
+
+_SLOT = re.compile(r'"text": """(.*?)"""', re.S)
+
+
+def longer_wins(t1: str, t2: str) -> str:
+    return "Tie" if len(t1) == len(t2) else ("Text 1" if len(t1) > len(t2) else "Text 2")
+
+
+class Stub:
+    """A scripted OpenAI-compatible chat server: ``faults`` are consumed one per request."""
+
+    def __init__(self, rule: Callable[[str, str], str] = longer_wins) -> None:
+        self.rule = rule
+        self.faults: list[str] = []  # "429", "500", "stall", "malformed", "prose"
+        self.requests: list[dict[str, Any]] = []
+        self.auth: list[str] = []
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.delay = 0.0
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _send(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send(200, {"object": "list", "data": [{"id": "stub-judge", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub.lock:
+                    stub.requests.append(body)
+                    stub.auth.append(self.headers.get("Authorization", ""))
+                    fault = stub.faults.pop(0) if stub.faults else None
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+                try:
+                    if stub.delay:
+                        time.sleep(stub.delay)
+                    if fault == "429":
+                        return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                    if fault == "500":
+                        return self._send(500, {"error": {"message": "boom"}})
+                    if fault == "stall":
+                        time.sleep(1.5)
+                        return self._send(500, {"error": {"message": "late"}})
+                    t1, t2 = _SLOT.findall(body["messages"][-1]["content"])[:2]
+                    reply = {"malformed": "I prefer Text 1", "prose": "Both are fine"}.get(fault or "", stub.rule(t1, t2))
+                    self._send(200, {
+                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103},
+                    })
+                finally:
+                    with stub.lock:
+                        stub.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Stub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_run(directory: Path, answers: dict[str, list[str]], preference: str = "amulet:concise") -> Path:
+    """A results directory as `prefalign eval` writes it: one row per prompt × variant."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant, texts in answers.items():
+        for i, text in enumerate(texts):
+            rows.append({
+                "dataset": "toy", "prompt_id": f"p{i}", "prompt": f"Question {i}?", "preference": preference,
+                "preference_text": "Your answer should be concise as much as possible.",
+                "method": variant, "variant": variant, "sweep": {}, "params": {}, "template": "amulet",
+                "text": text, "completion_tokens": len(text.split()), "finish_reason": "stop", "seconds": 1.0,
+                "forward_passes": 5, "judge": "length_words", "direction": -1, "score": float(len(text.split())),
+                "guards": {"perplexity": 5.0, "repetition_4": 0.0, "non_dictionary_share": 0.0, "words": len(text.split())},
+                "generation": f"{variant}-{i}", "shared": False,
+                "batch": {"id": f"b-{variant}", "plan": f"b-{variant}", "size": 4, "elapsed": 1.0}, "time": "t",
+            })
+    with (directory / "results.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (directory / "config.json").write_text(json.dumps({"settings": {"model": "toy"}, "runs": []}))
+    return directory
+
+
+ANSWERS = {
+    "base": ["a medium answer here", "short", "x" * 30, "same"],
+    "pref": ["a much much longer answer here", "tiny", "y" * 10, "same"],
+    "amulet": ["mid", "a long long answer indeed", "z" * 20, "other!"],
+}
+
+
+def rows_of(d: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
+
+
+def judged(d: Path, name: str) -> dict[tuple[str, str, str], Any]:
+    out = {}
+    for r in rows_of(d):
+        for ref, entry in ((r.get("judged") or {}).get(name) or {}).get("vs", {}).items():
+            out[(r["variant"], ref, r["prompt_id"])] = entry
+    return out
+
+
+def test_prompt_and_settings_are_amulets(tmp_path):
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", {"pref": ["one two", "b"], "amulet": ["one", "bb"]})
+        [judge] = build_judges([f"llm:{stub.url},order=random,vs=pref"], models=["stub-judge"])
+        judge_run(d, [judge], progress=False)
+    assert len(stub.requests) == 2  # one random-order call per pair
+    body = stub.requests[0]
+    assert (body["temperature"], body["max_tokens"], body["top_p"], body["seed"]) == (0, 5, 0.95, 42)
+    assert body["model"] == "stub-judge"
+    assert body["messages"][0] == {"role": "system", "content": AMULET_JUDGE_SYSTEM}
+    user = body["messages"][1]["content"]
+    assert user.startswith(AMULET_JUDGE_PROMPT.split("{question}")[0])
+    assert sorted(re.findall(r'Question: """(.*?)"""', "".join(r["messages"][1]["content"] for r in stub.requests))) \
+        == ["Question 0?", "Question 1?"]
+    assert 'Preference: """Your answer should be concise as much as possible."""' in user
+
+
+def test_swap_both_orders_and_disagreement_is_a_tie(tmp_path):
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", ANSWERS)
+        [judge] = build_judges([f"llm:{stub.url},concurrency=3"], models=["stub-judge"])
+        [s] = judge_run(d, [judge], progress=False)
+        got = judged(d, judge.name)
+        # longer wins, consistently in both orders
+        assert got[("amulet", "base", "p0")]["outcome"] == 0.0
+        assert got[("amulet", "base", "p1")]["outcome"] == 1.0
+        assert got[("pref", "base", "p0")]["outcome"] == 1.0
+        assert got[("base", "pref", "p0")]["outcome"] == 0.0  # the mirror pair
+        assert got[("pref", "base", "p3")] == {"outcome": 0.5, "status": "identical", "verdicts": []}
+        assert [v["first_is_text_1"] for v in got[("amulet", "base", "p0")]["verdicts"]] == [True, False]
+        # pref-vs-base and base-vs-pref are the same two questions: asked once
+        texts = {json.dumps(r["messages"]) for r in stub.requests}
+        assert len(texts) == len(stub.requests) == s.calls
+        assert stub.max_in_flight <= 3
+        assert all(a == "Bearer unused" for a in stub.auth)  # loopback without a key
+
+    biased = Stub(rule=lambda t1, t2: "Text 1")  # position bias: the first slot always wins
+    with biased:
+        d2 = make_run(tmp_path / "biased", ANSWERS)
+        [judge] = build_judges([f"llm:{biased.url}"], models=["stub-judge"])
+        judge_run(d2, [judge], progress=False)
+        entries = [e for e in judged(d2, judge.name).values() if e["status"] != "identical"]
+        assert entries and all(e["outcome"] == 0.5 and e["status"] == "disagree" for e in entries)
+
+
+def test_retries_on_429_500_and_timeouts(tmp_path):
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", {"pref": ["one two"], "amulet": ["one"]})
+        stub.faults = ["429", "500", "stall"]
+        [judge] = build_judges([f"llm:{stub.url},concurrency=1,timeout=0.5,retries=4,vs=pref"], models=["m"])
+        [s] = judge_run(d, [judge], progress=False)
+        entry = judged(d, judge.name)[("amulet", "pref", "p0")]
+        assert entry["status"] == "ok" and entry["outcome"] == 0.0
+        assert len(stub.requests) == 3 + 2  # three failures retried, then both orders
+        assert s.errors == 0
+
+        # retries exhausted: recorded as an error, not cached, retried (and won) next run
+        stub.faults = ["500"] * 10
+        d2 = make_run(tmp_path / "run2", {"pref": ["one two"], "amulet": ["one"]})
+        [judge] = build_judges([f"llm:{stub.url},concurrency=1,retries=1,vs=pref"], models=["m"])
+        [s] = judge_run(d2, [judge], progress=False)
+        failed = judged(d2, judge.name)[("amulet", "pref", "p0")]
+        assert s.errors == 1 and failed["status"] == "error" and failed["outcome"] is None
+        stub.faults = []
+        judge_run(d2, [judge], progress=False)
+        assert judged(d2, judge.name)[("amulet", "pref", "p0")]["outcome"] == 0.0
+
+
+def test_malformed_verdicts_are_reasked_then_recorded_never_guessed(tmp_path):
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", {"pref": ["one two"], "amulet": ["one"]})
+        # first call: malformed, then fine on the re-ask; second call: malformed twice
+        stub.faults = ["malformed", None, "prose", "prose"]
+        [judge] = build_judges([f"llm:{stub.url},concurrency=1,vs=pref,reask=1"], models=["m"])
+        [s] = judge_run(d, [judge], progress=False)
+        assert stub.requests[1]["messages"][-1]["content"].endswith(AMULET_REASK)
+        entry = judged(d, judge.name)[("amulet", "pref", "p0")]
+        assert entry["outcome"] is None and entry["status"] == "malformed"
+        assert ["Both are fine", "Both are fine"] in [v.get("replies") for v in entry["verdicts"]]
+        assert s.malformed == 1
+        n = len(stub.requests)
+        judge_run(d, [judge], progress=False)  # malformed is final: not asked again
+        assert len(stub.requests) == n
+
+
+def test_resume_after_interruption_judges_nothing_twice(tmp_path, monkeypatch):
+    with Stub() as stub:
+        full = make_run(tmp_path / "full", ANSWERS)
+        [judge] = build_judges([f"llm:{stub.url},concurrency=1"], models=["m"])
+        judge_run(full, [judge], progress=False)
+        expected = judged(full, judge.name)
+        unique_calls = len(stub.requests)
+        stub.requests.clear()
+
+        d = make_run(tmp_path / "interrupted", ANSWERS)
+        real_ask = PairwiseLLMJudge.ask
+        count = {"n": 0}
+
+        def flaky_ask(self, call, messages):
+            count["n"] += 1
+            if count["n"] == 4:
+                raise KeyboardInterrupt
+            return real_ask(self, call, messages)
+
+        monkeypatch.setattr(PairwiseLLMJudge, "ask", flaky_ask)
+        with pytest.raises(KeyboardInterrupt):
+            judge_run(d, [judge], progress=False)
+        monkeypatch.setattr(PairwiseLLMJudge, "ask", real_ask)
+        first = len(stub.requests)
+        assert 0 < first < unique_calls
+        partial = judged(d, judge.name)
+        assert partial and len(partial) < len(expected)  # rows hold what was judged before the stop
+        judge_run(d, [judge], progress=False)
+        assert len(stub.requests) == unique_calls  # resumed: every question asked exactly once overall
+        assert len({json.dumps(r["messages"]) for r in stub.requests}) == unique_calls
+        assert judged(d, judge.name) == expected
+        # a third run costs nothing
+        judge_run(d, [judge], progress=False)
+        assert len(stub.requests) == unique_calls
+
+
+def test_key_from_env_is_used_and_never_written(tmp_path, monkeypatch):
+    secret = "sk-test-SECRET-0123456789"
+    monkeypatch.setenv("MY_JUDGE_KEY", secret)
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", ANSWERS)
+        [judge] = build_judges([f"llm:{stub.url},key_env=MY_JUDGE_KEY"], models=["m"])
+        assert secret not in repr(judge) and secret not in judge.name
+        [s] = judge_run(d, [judge], progress=False)
+        assert stub.auth and all(a == f"Bearer {secret}" for a in stub.auth)
+    from prefalign.eval.report import write_report
+
+    write_report(d, plots=False)
+    for path in d.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), path
+    cfg = json.loads((d / "config.json").read_text())
+    record = cfg["judges"][judge.name]
+    assert record["key_env"] == "MY_JUDGE_KEY"
+    assert record["usage"] == {"prompt_tokens": 100 * s.calls, "completion_tokens": 3 * s.calls,
+                               "total_tokens": 103 * s.calls}
+
+
+def test_missing_key_and_unreachable_endpoint_fail_fast(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(PrefalignError, match=r"no API key in \$OPENAI_API_KEY"):
+        check_judge_specs(["llm:https://api.example.invalid/v1"], models=["gpt-4o"], reach=False)
+    with pytest.raises(PrefalignError, match="cannot reach"):
+        check_judge_specs(["llm:http://127.0.0.1:9/v1"], models=["m"])  # discard port: refused
+    with pytest.raises(PrefalignError, match="needs a model name"):
+        check_judge_specs(["llm:http://127.0.0.1:9/v1"])
+    with pytest.raises(PrefalignError, match="not an http"):
+        parse_llm_spec("127.0.0.1:8000", model="m")
+    with pytest.raises(PrefalignError, match="unknown judge"):
+        check_judge_specs(["gpt4"])
+
+
+def test_parse_verdict_accepts_only_amulets_spellings():
+    for ok, v in (("Text 1", "Text 1"), ("[Text 2]", "Text 2"), ("Tie.", "Tie"), (" Text 1.\n", "Text 1")):
+        assert parse_verdict(ok) == v
+    for bad in ("text 1", "Text 3", "Text 1 is better", "", None, "Text", "TIE"):
+        assert parse_verdict(bad) is None

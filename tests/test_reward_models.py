@@ -198,3 +198,56 @@ def test_spec_parsing():
                      ("x,batch=0", "batch"), ("", "names no model")):
         with pytest.raises(PrefalignError, match=msg):
             parse_rm_spec(bad)
+
+
+# --- judging a results directory ------------------------------------------------------------
+
+
+def test_judge_run_stores_scores_under_the_name_and_reruns_cost_nothing(tmp_path, llama_rm_dir, gpt2_rm_dir, monkeypatch):
+    from judge_helpers import make_run
+
+    from prefalign.eval.judging import build_judges, judge_run
+
+    answers = {"base": ["alpha beta", "gamma", "delta epsilon zeta"], "pref": ["eta", "theta iota", "kappa"]}
+    d = make_run(tmp_path / "run", answers)
+    judges = build_judges([f"rm:{llama_rm_dir}@safety", f"rm:{gpt2_rm_dir},pref=no"])
+    assert judges[0].name != judges[1].name
+    [s1, s2] = judge_run(d, judges, progress=False)
+    assert (s1.items, s1.judged, s1.cached) == (6, 6, 0)
+    rows = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
+    direct = RewardModelJudge(f"{llama_rm_dir}@safety")
+    for row in rows:
+        assert set(row["judged"]) == {judges[0].name, judges[1].name}
+        want = direct.score_many([(row["prompt"], row["text"], row["preference_text"])])[0]
+        assert row["judged"][judges[0].name]["score"] == pytest.approx(want, abs=1e-4)
+        assert row["score"] == float(len(row["text"].split()))  # the proxy score is untouched
+
+    calls = {"n": 0}
+    real = RewardModelJudge.score_ids
+
+    def counting(self, ids):
+        calls["n"] += len(ids)
+        return real(self, ids)
+
+    monkeypatch.setattr(RewardModelJudge, "score_ids", counting)
+    [t1, t2] = judge_run(d, judges, progress=False)
+    assert calls["n"] == 0 and (t1.judged, t1.cached) == (0, 6)
+
+    # the cache alone (rows rewritten without the field, e.g. an interrupted merge) is enough
+    for r in rows:
+        r.pop("judged")
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge_run(d, judges, progress=False)
+    assert calls["n"] == 0
+    rows2 = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
+    assert all(judges[1].name in r["judged"] for r in rows2)
+
+    # a grown run: only the new rows are scored
+    new_rows = [json.loads(line) for line in
+                (make_run(tmp_path / "other", {"amulet": ["lambda mu", "nu", "xi"]}) / "results.jsonl").read_text().splitlines()]
+    with (d / "results.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in new_rows))
+    judge_run(d, judges[:1], progress=False)
+    assert calls["n"] == 3
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["judges"][judges[0].name]["head"] == {"index": 1, "label": "safety"}

@@ -293,3 +293,38 @@ def test_parse_verdict_accepts_only_amulets_spellings():
         assert parse_verdict(ok) == v
     for bad in ("text 1", "Text 3", "Text 1 is better", "", None, "Text", "TIE"):
         assert parse_verdict(bad) is None
+
+
+def test_report_shows_each_judge_and_their_agreement(tmp_path):
+    from prefalign.eval.report import write_report
+
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", ANSWERS)
+        [judge] = build_judges([f"llm:{stub.url}"], models=["stub-judge"])
+        judge_run(d, [judge], progress=False)
+    md = write_report(d, plots=False).read_text()
+    section = md.split("## Judges compared", 1)[1].split("\n## ", 1)[0]
+    assert f"`{judge.name}`" in section and "`proxy`" in section
+    # proxy (concise: fewer words wins) vs the stub (longer text wins), recomputed here
+    def outcome(a: float, b: float) -> float:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    same = total = 0
+    for ref in ("pref", "base"):
+        for v in ANSWERS:
+            if v == ref:
+                continue
+            for t, u in zip(ANSWERS[v], ANSWERS[ref]):
+                proxy = outcome(-len(t.split()), -len(u.split()))
+                llm = 0.5 if t == u else outcome(len(t), len(u))
+                same += proxy == llm
+                total += 1
+    agreement = section.split("### Agreement between judges", 1)[1]
+    row = next(line for line in agreement.splitlines() if line.startswith("| `proxy` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["`proxy`", f"`{judge.name}`", str(total), f"{same / total:.0%}"]
+    assert cells[5] == "–"  # an LLM judge has no per-answer scores
+    per_judge = section.split("### Win rate against `base`, per judge", 1)[1]
+    header = [c.strip() for c in per_judge.strip().splitlines()[0].strip("|").split("|")]
+    assert header == ["method", "`proxy`", f"`{judge.name}`"]
+    assert f"{100 * len(stub.requests)} + {3 * len(stub.requests)}" in section  # token usage summed

@@ -255,13 +255,14 @@ def bench(
 
 def _register_subsystems() -> None:
     """Commands whose code lives with its subsystem (server, evaluation, PRM training)."""
-    from .eval.cli import eval_command, report_command
+    from .eval.cli import eval_command, judge_command, report_command
     from .prm.cli import make_pairs, train_prm
     from .server.cli import serve
 
     app.command("serve")(serve)
     app.command("eval")(eval_command)
     app.command("report")(report_command)
+    app.command("judge")(judge_command)
     app.command("train-prm")(train_prm)
     app.command("make-pairs")(make_pairs)
 

@@ -245,3 +245,40 @@ def test_report_shows_each_judge_and_their_agreement(tmp_path):
     header = [c.strip() for c in per_judge.strip().splitlines()[0].strip("|").split("|")]
     assert header == ["method", "`proxy`", f"`{judge.name}`"]
     assert f"{100 * len(stub.requests)} + {3 * len(stub.requests)}" in section  # token usage summed
+
+
+def test_prefalign_serve_as_the_judge(tmp_path, tokenizer):
+    """The project's own server on loopback, a tiny random model as the judge: every reply
+    is what the engine decodes greedily for that question, recorded as is (a random model
+    mostly answers nonsense: malformed, never turned into a verdict)."""
+    pytest.importorskip("uvicorn")
+    from conftest import _tiny_llama
+    from test_server import LiveServer
+
+    from prefalign import Aligner
+    from prefalign.eval.llm_judge import parse_verdict
+    from prefalign.server import create_app
+
+    tiny = _tiny_llama(len(tokenizer), max_positions=2048)
+    app = create_app(Aligner(tiny, tokenizer), model_id="tiny", default_method="base")
+    d = make_run(tmp_path / "run", {"pref": ["one two", "three"], "amulet": ["four", "five six"]})
+    with LiveServer(app) as server:
+        [judge] = build_judges([f"llm:{server.url}/v1,vs=pref,reask=0,concurrency=2"], models=["tiny"])
+        [s] = judge_run(d, [judge], progress=False)
+    assert s.items == 2 and s.calls == 4 and s.errors == 0
+    reference = Aligner(tiny, tokenizer)
+    log = [json.loads(line) for line in next((d / "judges").glob("*.jsonl")).read_text().splitlines()]
+    assert len(log) == 4
+    for row in [r for r in rows_of(d) if r["variant"] == "amulet"]:
+        entry = row["judged"][judge.name]["vs"]["pref"]
+        other = next(r for r in rows_of(d) if r["variant"] == "pref" and r["prompt_id"] == row["prompt_id"])
+        for first_is_1 in (True, False):
+            t1, t2 = (row["text"], other["text"]) if first_is_1 else (other["text"], row["text"])
+            _, messages = judge.request(row["prompt"], row["preference_text"], t1, t2)
+            want = reference.generate([messages], method="base", max_new_tokens=5, temperature=0)[0].text
+            got = next(e for e in log if e["call"] == judge.request(row["prompt"], row["preference_text"], t1, t2)[0])
+            assert got["replies"] == [want]
+            assert got["status"] == ("ok" if parse_verdict(want) else "malformed")
+        assert entry["status"] in ("ok", "disagree", "malformed")
+    usage = json.loads((d / "config.json").read_text())["judges"][judge.name]["usage"]
+    assert usage["completion_tokens"] <= 4 * 5 and usage["prompt_tokens"] > 4 * 100

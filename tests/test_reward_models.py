@@ -181,7 +181,7 @@ def test_remote_code_needs_opt_in(tmp_path, gpt2_rm_dir):
 
 def test_unreachable_hub_id_fails_fast_with_advice(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="hub.*local-dir"):
+    with pytest.raises(ModelLoadError, match="hub is not reachable.*local-dir DIR"):
         RewardModelJudge("nobody-here/no-such-reward-model-xyz")
     with pytest.raises(ModelLoadError, match="not found"):
         RewardModelJudge("./no/such/dir")

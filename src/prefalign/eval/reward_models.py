@@ -32,12 +32,16 @@ with ``trust_remote_code=True`` (the CLI's ``--judge-trust-remote-code``).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from ..errors import ModelLoadError, PrefalignError
 
@@ -150,13 +154,15 @@ def parse_rm_spec(text: str) -> RewardModelSpec:
     return RewardModelSpec(source=source, head=parsed_head, **kwargs)
 
 
-def _offline_hint(source: str) -> str:
-    return (
-        f" {source!r} is not a local directory, so it was looked up on the Hugging Face hub, which is not "
-        "reachable from here (or has no such model): download the model where the hub is reachable "
-        f"(`hf download {source} --local-dir DIR`) and pass rm:DIR, or set HF_HUB_OFFLINE=1 to use the local "
-        "hub cache."
-    )
+def _hub_error(source: str, exc: Exception) -> ModelLoadError:
+    if not hub_reachable():
+        return ModelLoadError(
+            f"reward model {source!r} is not a local directory, the Hugging Face hub is not reachable from here, "
+            f"and the local hub cache does not have it: download it where the hub is reachable "
+            f"(`hf download {source} --local-dir DIR`) and pass rm:DIR",
+            field="judge",
+        )
+    return ModelLoadError(f"cannot load reward model {source!r} from the hub: {exc} (check the id)", field="judge")
 
 
 def _config_dict(source: str) -> dict[str, Any]:
@@ -172,10 +178,29 @@ def _config_dict(source: str) -> dict[str, Any]:
     from transformers import PretrainedConfig
 
     try:
-        config, _ = PretrainedConfig.get_config_dict(source)
+        # Unreachable hub: only the local hub cache, at once (the hub client would retry for ~30 s).
+        config, _ = PretrainedConfig.get_config_dict(source, local_files_only=not hub_reachable())
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load reward model {source!r}: {exc}.{_offline_hint(source)}", field="judge") from exc
+        raise _hub_error(source, exc) from exc
     return config
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT``) accepts a TCP connection within 3 s;
+    False under ``HF_HUB_OFFLINE=1``. The probe runs once per process and endpoint."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    return _probe(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(endpoint: str, timeout: float = 3.0) -> bool:
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def check_rm_spec(spec: RewardModelSpec | str, *, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -255,15 +280,18 @@ class RewardModelJudge:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
         path = Path(source).expanduser()
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if not path.is_dir() and not hub_reachable():
+            kwargs["local_files_only"] = True  # the local hub cache only
         src = str(path) if path.is_dir() else source
         try:
             tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:
-            hint = "" if path.is_dir() else _offline_hint(source)
-            raise ModelLoadError(f"cannot load reward model {source!r}: {exc}.{hint}", field="judge") from exc
+            if not path.is_dir():
+                raise _hub_error(source, exc) from exc
+            raise ModelLoadError(f"cannot load reward model {source!r}: {exc}", field="judge") from exc
         return model.to(device), tokenizer
 
     @property

@@ -48,6 +48,7 @@ def _serve(aligner, name: str, port: int):
 
     app = create_app(aligner, model_id=name, default_method="base", max_batch=4)
     sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))  # a fixed port: the judge's name (and its cache) includes it
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "judges-amulet"))
     parser.add_argument("--preferences", default="amulet:concise,amulet:verbose,amulet:formal,amulet:pleasant")
     parser.add_argument("--variants", default="base,pref,la,amulet")
+    parser.add_argument("--methods", default="base,amulet", help="variants judged against pref")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--port", type=int, default=18011, help="first loopback port (one per judge model)")
     parser.add_argument("--threads", type=int, default=1)
@@ -89,7 +91,7 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         server, thread, url = _serve(aligner, name, args.port + i)
         try:
-            [judge] = build_judges([f"llm:{url},vs=pref,concurrency={args.concurrency},timeout=600"], models=[name])
+            [judge] = build_judges([f"llm:{url},vs=pref,methods={args.methods.replace(',', '+')},concurrency={args.concurrency},timeout=600"], models=[name])
             [s] = judge_run(out, [judge], progress=True)
             notes.append(f"{name}: {s.judged} pairs judged now ({s.cached} cached) in {s.seconds:.0f} s, "
                          f"{s.calls} calls, {s.malformed} malformed, {s.errors} failed; model load {load_s:.0f} s")

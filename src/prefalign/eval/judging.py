@@ -231,6 +231,8 @@ def _pairs(judge: PairwiseLLMJudge, rows: list[dict[str, Any]]) -> list[tuple[di
     for row in rows:
         if not judge.applies_to(row["preference"]):
             continue
+        if judge.spec.methods and row.get("variant") not in judge.spec.methods:
+            continue
         for ref, table in by_ref.items():
             if row.get("variant") == ref:
                 continue
@@ -248,16 +250,18 @@ def _run_llm(judge: PairwiseLLMJudge, rows: list[dict[str, Any]], log: _Log, sum
     calls: dict[str, list[dict[str, str]]] = {}
     for row, ref, other in pairs:
         summary.items += 1
+        have = (((row.get("judged") or {}).get(judge.name) or {}).get("vs") or {}).get(ref)
         first, second = row.get("text") or "", other.get("text") or ""
         if first == second:
             plans.append((row, ref, None))
+            summary.cached += have is not None
             continue
         pc = judge.pair_calls(f"{key_of(row)}|{key_of(other)}", row["prompt"], judge_preference(row), first, second)
         plans.append((row, ref, pc))
+        summary.cached += all(c in final for c, _, _ in pc)  # decided before this call
         for call, messages, _ in pc:
             if call not in final:
                 calls.setdefault(call, messages)
-    summary.cached = sum(1 for _, _, pc in plans if pc is None or all(c in final for c, _, _ in pc))
     bar = _progress(len(calls), judge.name, progress)
     started = time.perf_counter()
     new: dict[str, Verdict] = {}

@@ -109,7 +109,10 @@ class LLMJudgeSpec:
     ``OPENAI_API_KEY``; not needed for loopback servers), ``order=swap|random``,
     ``concurrency=N`` (default 4), ``retries=N`` (default 6), ``timeout=S`` (default 60),
     ``reask=N`` (default 1), ``vs=pref+base`` (reference methods), ``only=P+P``
-    (preferences), ``seed=N`` (default 42, sent to the server as Amulet did).
+    (preferences), ``methods=M+M`` (the method variants judged against the references;
+    default all), ``seed=N`` (default 42, sent to the server as Amulet did). ``vs``,
+    ``only`` and ``methods`` choose pairs, not how a pair is judged, so they are not part
+    of the judge's name.
     """
 
     base_url: str
@@ -122,6 +125,7 @@ class LLMJudgeSpec:
     reask: int = 1
     vs: tuple[str, ...] = ("pref", "base")
     only: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
     seed: int = 42
     temperature: float = 0.0
     top_p: float = 0.95
@@ -162,12 +166,12 @@ def parse_llm_spec(text: str, *, model: str | None = None) -> LLMJudgeSpec:
                 kw["timeout"] = float(value)
             except ValueError:
                 raise PrefalignError(f"judge spec 'llm:{text}': timeout must be seconds", field="judge") from None
-        elif key in ("vs", "only"):
+        elif key in ("vs", "only", "methods"):
             kw[key] = tuple(p.strip() for p in value.split("+") if p.strip())
         else:
             raise PrefalignError(
                 f"judge spec 'llm:{text}': unknown option {key!r}; known: model, key_env, order, concurrency, "
-                "retries, timeout, reask, vs, only, seed",
+                "retries, timeout, reask, vs, only, methods, seed",
                 field="judge",
             )
     if "model" not in kw:
@@ -239,7 +243,7 @@ class PairwiseLLMJudge:
             "kind": "llm", "base_url": s.base_url, "model": s.model, "key_env": s.key_env, "order": s.order,
             "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "max_tokens": s.max_tokens,
             "reask": s.reask, "max_retries": s.max_retries, "timeout": s.timeout, "concurrency": s.concurrency,
-            "vs": list(s.vs), "only": list(s.only), "prompt": "amulet",
+            "vs": list(s.vs), "only": list(s.only), "methods": list(s.methods), "prompt": "amulet",
         }
 
     def applies_to(self, preference: str) -> bool:

@@ -282,3 +282,19 @@ def test_prefalign_serve_as_the_judge(tmp_path, tokenizer):
         assert entry["status"] in ("ok", "disagree", "malformed")
     usage = json.loads((d / "config.json").read_text())["judges"][judge.name]["usage"]
     assert usage["completion_tokens"] <= 4 * 5 and usage["prompt_tokens"] > 4 * 100
+
+
+def test_pair_selection_options_do_not_change_the_judge(tmp_path):
+    with Stub() as stub:
+        d = make_run(tmp_path / "run", ANSWERS)
+        [some] = build_judges([f"llm:{stub.url},vs=pref,methods=amulet"], models=["m"])
+        [s] = judge_run(d, [some], progress=False)
+        assert s.items == 4 and set(judged(d, some.name)) == {("amulet", "pref", f"p{i}") for i in range(4)}
+        asked = len(stub.requests)
+        [every] = build_judges([f"llm:{stub.url}"], models=["m"])
+        assert every.name == some.name  # same judge: the amulet-vs-pref verdicts are reused
+        [t] = judge_run(d, [every], progress=False)
+        # cached: the 4 amulet-vs-pref pairs, and amulet-vs-base on p3, where base's answer is pref's
+        assert t.items == 16 and t.cached == 5
+        # new questions: 16 pairs - 5 cached - 2 identical (p3 base/pref) - 3 mirrors of pref-vs-base
+        assert len(stub.requests) - asked == t.calls == 2 * (16 - 5 - 2 - 3)

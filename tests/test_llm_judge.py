@@ -136,7 +136,8 @@ def test_malformed_verdicts_are_reasked_then_recorded_never_guessed(tmp_path):
 def test_resume_after_interruption_judges_nothing_twice(tmp_path, monkeypatch):
     with Stub() as stub:
         full = make_run(tmp_path / "full", ANSWERS)
-        [judge] = build_judges([f"llm:{stub.url},concurrency=1"], models=["m"])
+        stub.delay = 0.02  # requests overlap: some are in flight when the run is interrupted
+        [judge] = build_judges([f"llm:{stub.url},concurrency=3"], models=["m"])
         judge_run(full, [judge], progress=False)
         expected = judged(full, judge.name)
         unique_calls = len(stub.requests)

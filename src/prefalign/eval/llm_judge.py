@@ -375,28 +375,48 @@ class PairwiseLLMJudge:
         """Ask every ``(call, messages)`` with at most ``concurrency`` in flight.
 
         ``on_verdict`` runs in this thread as each answer arrives (the cache writes there).
-        Ctrl-C cancels what has not started; verdicts already delivered are kept.
+        Ctrl-C cancels what has not started; requests already sent finish and their
+        verdicts are delivered too, so a resumed run never asks them again.
         """
-        todo = list(calls)
+
+        def deliver(futures: Iterable[Future[Verdict]]) -> None:
+            # every finished answer is delivered (logged) before an error propagates
+            error: BaseException | None = None
+            for f in futures:
+                if f.cancelled():
+                    continue
+                try:
+                    v = f.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    error = error or exc
+                    continue
+                on_verdict(v)
+            if error is not None:
+                raise error
+
         with ThreadPoolExecutor(max_workers=self.spec.concurrency, thread_name_prefix="llm-judge") as pool:
             pending: set[Future[Verdict]] = set()
-            it = iter(todo)
             try:
-                for call, messages in it:
+                for call, messages in calls:
                     pending.add(pool.submit(self.ask, call, messages))
                     if len(pending) >= self.spec.concurrency * 2:
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            on_verdict(f.result())
+                        deliver(done)
                         if should_stop():
                             break
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        on_verdict(f.result())
+                    deliver(done)
             except BaseException:
+                # Ctrl-C or an error: drop what has not started; requests already sent
+                # finish anyway (the pool waits for them), so keep their verdicts too.
                 for f in pending:
                     f.cancel()
+                wait(pending)
+                try:
+                    deliver(pending)
+                except BaseException:  # noqa: BLE001 - the first error is the one to report
+                    pass
                 raise
 
 

@@ -251,3 +251,12 @@ def test_judge_run_stores_scores_under_the_name_and_reruns_cost_nothing(tmp_path
     assert calls["n"] == 3
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["judges"][judges[0].name]["head"] == {"index": 1, "label": "safety"}
+
+
+def test_only_selects_preferences_with_or_without_namespace():
+    from prefalign.eval.reward_models import preference_selected
+
+    assert preference_selected("pad:humor", ()) and preference_selected("anything", ())
+    assert preference_selected("pad:humor", ("pad:humor",)) and preference_selected("humor", ("pad:humor",))
+    assert preference_selected("pad:humor", ("humor",))
+    assert not preference_selected("pad:helpful", ("pad:humor",)) and not preference_selected("concise", ("humor",))

@@ -41,6 +41,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from ..errors import PrefalignError
+from .reward_models import preference_selected
 
 __all__ = [
     "AMULET_JUDGE_PROMPT",
@@ -247,7 +248,7 @@ class PairwiseLLMJudge:
         }
 
     def applies_to(self, preference: str) -> bool:
-        return not self.spec.only or preference in self.spec.only
+        return preference_selected(preference, self.spec.only)
 
     def __repr__(self) -> str:
         return f"PairwiseLLMJudge({self.name!r})"

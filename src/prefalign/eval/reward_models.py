@@ -203,6 +203,15 @@ def _probe(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def preference_selected(preference: str, only: Sequence[str]) -> bool:
+    """Whether ``only`` (empty: everything) names ``preference``, with or without its
+    paper's namespace (``only=pad:humor`` also selects rows of ``humor``)."""
+    if not only:
+        return True
+    bare = {o.split(":", 1)[-1].lower() for o in only}
+    return preference in only or preference.split(":", 1)[-1].lower() in bare
+
+
 def check_rm_spec(spec: RewardModelSpec | str, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """Read the judge's config.json and refuse custom code without opt-in, loading no weights.
 
@@ -391,7 +400,7 @@ class RewardModelJudge:
 
     def applies_to(self, preference: str) -> bool:
         """Whether rows of ``preference`` are judged (the spec's ``only=``)."""
-        return not self.spec.only or preference in self.spec.only
+        return preference_selected(preference, self.spec.only)
 
     # --- inputs and scoring ---------------------------------------------------------------
 

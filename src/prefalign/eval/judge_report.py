@@ -69,9 +69,10 @@ def _external_names(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> l
     return names
 
 
-def compare_judges(a: Any) -> Comparison | None:
+def compare_judges(a: Any, *, include_collapsed: bool = False) -> Comparison | None:
     """Collect each judge's outcomes from an :class:`~prefalign.eval.report.Analysis`; None
-    when no row carries an external judge."""
+    when no row carries an external judge. Pairs with a collapsed answer are left out
+    unless ``include_collapsed``."""
     from .report import REFERENCES, both_cut_by_length, win_outcome
 
     external = _external_names(a.rows, a.config)
@@ -86,7 +87,7 @@ def compare_judges(a: Any) -> Comparison | None:
     scores: dict[str, dict[int, float]] = {j: {} for j in judges if kinds[j] != "llm"}
     unjudged: dict[str, dict[str, int]] = {j: defaultdict(int) for j in judges}
     for r in a.rows:
-        if r.get("collapsed"):
+        if r.get("collapsed") and not include_collapsed:
             continue
         if r.get("score") is not None:
             scores[PROXY][id(r)] = int(r.get("direction", 1)) * float(r["score"])
@@ -101,7 +102,7 @@ def compare_judges(a: Any) -> Comparison | None:
             if r["variant"] == ref:
                 continue
             other = table.get((r["preference"], r["dataset"], r["prompt_id"]))
-            if other is None or r.get("collapsed") or other.get("collapsed"):
+            if other is None or (not include_collapsed and (r.get("collapsed") or other.get("collapsed"))):
                 continue
             pair = (r["preference"], r["dataset"], r["prompt_id"], r["variant"], ref)
             if r.get("score") is not None and other.get("score") is not None:
@@ -115,8 +116,8 @@ def compare_judges(a: Any) -> Comparison | None:
                 else:
                     entry = (((r.get("judged") or {}).get(n) or {}).get("vs") or {}).get(ref)
                     if entry is None:
-                        unjudged[n]["not judged"] += 1
-                    elif entry.get("outcome") is None:
+                        continue  # a pair this judge was not asked about (vs=, methods=, only=)
+                    if entry.get("outcome") is None:
                         unjudged[n][entry.get("status") or "no verdict"] += 1
                     else:
                         outcomes[n][pair] = float(entry["outcome"])
@@ -243,4 +244,8 @@ def judge_sections(a: Any) -> list[str]:
         "",
         *agreement_table(c),
     ]
+    everything = compare_judges(a, include_collapsed=True)
+    if everything is not None and sum(map(len, everything.outcomes.values())) > sum(map(len, c.outcomes.values())):
+        lines += ["", "The same with collapsed answers included (a real judge sees them too):", "",
+                  *agreement_table(everything)]
     return lines

@@ -262,7 +262,7 @@ class PairwiseLLMJudge:
                 try:
                     import openai
                 except ImportError as exc:
-                    raise PrefalignError("LLM judges need the openai client: pip install openai", field="judge") from exc
+                    raise PrefalignError("LLM judges need the openai client: pip install 'prefalign[judges]'", field="judge") from exc
                 key = os.environ.get(self.spec.key_env)
                 if not key:
                     if not _is_loopback(self.spec.base_url):

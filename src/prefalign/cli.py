@@ -556,6 +556,7 @@ def _register_subsystems() -> None:
     _register("serve", ".server.cli", "serve", "Serve an OpenAI-compatible chat API")
     _register("eval", ".eval.cli", "eval_command", "Evaluate methods × preferences × datasets")
     _register("report", ".eval.cli", "report_command", "Write a report and plots of an eval run")
+    _register("judge", ".eval.cli", "judge_command", "Judge a finished eval run with more judges")
     _register("train-prm", ".prm.cli", "train_prm", "Train a personalised reward model")
     _register("make-pairs", ".prm.cli", "make_pairs", "Synthesise preference pairs for a PRM")
 

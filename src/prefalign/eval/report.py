@@ -718,6 +718,9 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
             *win_table(a, ref),
             *ceiling_note(a, ref),
         ]
+    from .judge_report import judge_sections
+
+    lines += judge_sections(a)  # per-judge win rates and agreement, when other judges ran
     lines += [
         "",
         "## Fluency",

@@ -186,7 +186,7 @@ def test_ray_backend_matches_local(tmp_path, data_files, tiny_dir):
     # PREFALIGN_SKIP_RAY=1 to skip it on a busy machine.
     cfg = dict(model=tiny_dir, methods=["base", "amulet"], sweeps=[], preferences=["concise"])
     run_eval(_config(data_files, **cfg), tmp_path / "local", progress=False, report=False)
-    summary = run_eval(_config(data_files, backend="ray", ray_workers=2, **cfg), tmp_path / "ray", progress=False, report=False)
+    summary = run_eval(_config(data_files, executor="ray", ray_workers=2, **cfg), tmp_path / "ray", progress=False, report=False)
     assert summary.rows_written == 8
     local_rows, ray_rows = read_results(tmp_path / "local"), read_results(tmp_path / "ray")
     assert set(local_rows[0]) == set(ray_rows[0])  # same file format
@@ -207,7 +207,7 @@ def test_ray_missing_is_a_clear_error(monkeypatch, tmp_path, data_files, tiny_di
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(PrefalignError, match=r"pip install 'prefalign\[ray\]'"):
-        run_eval(_config(data_files, model=tiny_dir, backend="ray"), tmp_path, progress=False, report=False)
+        run_eval(_config(data_files, model=tiny_dir, executor="ray"), tmp_path, progress=False, report=False)
 
 
 def test_cli_eval_and_report(tmp_path, data_files, tiny_dir):

@@ -182,3 +182,21 @@ def test_pad_is_refused_with_the_backend_to_use(al):
 def test_a_non_gguf_model_is_refused(tmp_path):
     with pytest.raises(PrefalignError, match="GGUF"):
         Aligner.from_pretrained(str(tmp_path), backend="llamacpp")
+
+
+def test_eval_runs_on_the_llamacpp_backend_and_reruns_give_the_same_answers(gguf, tmp_path):
+    import json
+
+    from prefalign.eval.runner import EvalConfig, read_results, run_eval
+
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"index": 1, "question": "What is rain?"}, {"index": 2, "question": "Name a colour."}]))
+    config = EvalConfig(datasets=[str(data)], preferences=["concise"], methods=["base", "pref"], max_new_tokens=6,
+                        batch_size=2, model=str(gguf), threads=1, model_backend="llamacpp")
+    answers = []
+    for run in ("first", "second"):
+        run_eval(config, tmp_path / run, progress=False, report=False)
+        rows = read_results(tmp_path / run / "results.jsonl")
+        answers.append(sorted((r["prompt_id"], r["method"], r["text"]) for r in rows))
+    assert len(answers[0]) == 4 and answers[0] == answers[1]  # 2 prompts × (base, pref)
+    assert json.loads((tmp_path / "first" / "config.json").read_text())["settings"]["backend"] == "llamacpp"

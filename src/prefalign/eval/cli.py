@@ -47,7 +47,8 @@ def eval_command(
     out: Path = typer.Option(..., "--out", "-o", help="Results directory (re-running the same command resumes)."),
     field: Optional[str] = typer.Option(None, "--field", help="Prompt field of the dataset records (default: detected)."),
     sweep: list[str] = typer.Option([], "--sweep", help="Parameter sweep METHOD.PARAM=V1,V2,... e.g. amulet.alpha=0.5,1,2,4 (repeatable)."),
-    backend: str = typer.Option("local", "--backend", help="local, or ray (shard batches over a Ray cluster)."),
+    executor: str = typer.Option("local", "--executor", help="local, or ray (shard batches over a Ray cluster)."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers, or llamacpp (a GGUF in llama.cpp; no pad)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (beam: × width rows)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: local dir, .gguf file or hub id (default: embedded SmolLM2-135M)."),
     template: Optional[str] = typer.Option(None, "--template", help="default, amulet, pad or plain (default: each method's own)."),
@@ -97,7 +98,8 @@ def eval_command(
             prm=prm,
             fast="auto" if fast else False,
             threads=threads,
-            backend=backend,  # type: ignore[arg-type]
+            executor=executor,  # type: ignore[arg-type]
+            model_backend=backend,
             ray_address=ray_address,
             ray_workers=ray_workers,
             judge_backend=judge_backend,  # type: ignore[arg-type]

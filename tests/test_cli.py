@@ -45,7 +45,7 @@ def test_generate_params_and_composition(model_dir):
         (["--method", "nope"], "unknown method"),
         (["--method", "amulet", "-P", "eta=0"], "eta"),
         (["--method", "amulet"], "needs a preference"),
-        (["--method", "base", "-n", "0"], "max-new-tokens"),
+        (["--method", "base", "-n", "0"], "max_new_tokens"),
         (["--method", "amulet", "-p", "concize"], "unknown preference preset"),
     ],
 )

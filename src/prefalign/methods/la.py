@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .method import ContextRole, Method, base_and_preferences, fraction, positive, weighted_mean
+from .method import MAX_STRENGTH, ContextRole, Method, base_and_preferences, fraction, positive, weighted_mean
+from .safeguard import DEFAULT_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
 
 
 def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -26,6 +27,9 @@ def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: 
 class LinearAlignment(Method):
     """Scores ``p + r·(p − b)`` per preference, weighted mean over preferences.
 
+    ``kl_budget`` (nats; 0 = off, the paper's rule) lowers the strength per token to
+    the largest ``c ≤ ratio`` with ``KL(softmax(p + c(p − b)) ‖ softmax(p)) ≤ kl_budget``
+    (:func:`~prefalign.methods.safeguard.kl_bounded_strength`), each preference on its own.
     ``plausibility`` (0 = off) masks tokens whose preference-context probability is
     below that fraction of the most likely token's.
     """
@@ -34,15 +38,20 @@ class LinearAlignment(Method):
     summary = "Linear Alignment: p + ratio·(p − b)"
     ratio: float = 2.0
     plausibility: float = 0.0
+    kl_budget: float = DEFAULT_KL_BUDGET
 
     def __post_init__(self) -> None:
-        positive("ratio", self.ratio, allow_zero=True)
+        positive("ratio", self.ratio, allow_zero=True, maximum=MAX_STRENGTH)
         fraction("plausibility", self.plausibility)
+        check_kl_budget(self.kl_budget)
 
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return base_and_preferences(n_preferences)
 
     def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         base, prefs = logprobs[:, :1], logprobs[:, 1:]
-        aligned = weighted_mean(prefs + self.ratio * (prefs - base), weights)
+        strength: float | torch.Tensor = self.ratio
+        if self.kl_budget > 0:
+            strength = kl_bounded_strength(prefs, base, self.ratio, self.kl_budget)
+        aligned = weighted_mean(contrast(prefs, base, strength), weights)
         return plausibility_mask(aligned, weighted_mean(prefs, weights), self.plausibility)

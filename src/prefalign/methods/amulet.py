@@ -33,7 +33,7 @@ import torch
 from ..errors import PrefalignError
 from .la import plausibility_mask
 from .method import MAX_STRENGTH, ContextRole, Method, base_and_preferences, count, fraction, positive, weighted_mean
-from .safeguard import DEFAULT_KL_BUDGET, check_kl_budget, kl_bounded_strength
+from .safeguard import DEFAULT_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
 
 
 @lru_cache(maxsize=256)
@@ -102,7 +102,9 @@ def ftrl_loop(p: torch.Tensor, b: torch.Tensor, alpha: float, lam: float, eta: f
 
 @dataclass(frozen=True)
 class Amulet(Method):
-    """Amulet with the paper's defaults α=2, λ=2, η=10, T=60.
+    """Amulet with the paper's defaults α=2, λ=2, η=10, T=60, and the safeguard on (``kl_budget=0.25``).
+
+    ``kl_budget=0`` is the paper's rule exactly.
 
     ``exact=False`` (default) computes the closed form; ``exact=True`` runs the FTRL
     loop (same tokens, slower). Several preferences: weighted mean of the per-preference
@@ -150,8 +152,9 @@ class Amulet(Method):
             if strength is not None and c_t > 0:
                 # l_T = p + c_T(p − b) + const, so scaling l_T − p by c/c_T gives p + c(p − b) + const.
                 realigned = prefs + (strength / c_t) * (realigned - prefs)
+        elif strength is None:
+            realigned = torch.lerp(base, prefs, 1.0 + c_t)  # b + (1+c)(p−b) = p + c(p−b)
         else:
-            # b + (1+c)(p−b) = p + c(p−b); the paper's rule keeps its scalar c_T.
-            realigned = torch.lerp(base, prefs, 1.0 + (c_t if strength is None else strength))
+            realigned = contrast(prefs, base, strength)
         scores = weighted_mean(realigned, weights)
         return plausibility_mask(scores, weighted_mean(prefs, weights), self.plausibility)

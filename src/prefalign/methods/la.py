@@ -50,8 +50,9 @@ class LinearAlignment(Method):
 
     def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         base, prefs = logprobs[:, :1], logprobs[:, 1:]
-        strength: float | torch.Tensor = self.ratio
         if self.kl_budget > 0:
             strength = kl_bounded_strength(prefs, base, self.ratio, self.kl_budget)
-        aligned = weighted_mean(contrast(prefs, base, strength), weights)
+            aligned = weighted_mean(contrast(prefs, base, strength), weights)
+        else:  # the paper's formula, literally (its scores unchanged to the bit)
+            aligned = weighted_mean(prefs + self.ratio * (prefs - base), weights)
         return plausibility_mask(aligned, weighted_mean(prefs, weights), self.plausibility)

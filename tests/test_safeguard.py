@@ -40,6 +40,15 @@ def test_strength_keeps_the_kl_within_budget_and_is_nearly_the_largest(budget):
     assert (above[bound] > budget).all()
 
 
+def test_kl_never_decreases_with_the_strength():
+    """The property the search relies on: dKL/dc = c·Var_q(p − b) ≥ 0."""
+    lp = _logprobs(8, 2, seed=8)
+    b, p = lp[:, :1], lp[:, 1:]
+    kls = torch.stack([_kl(contrast(p, b, c), p) for c in torch.linspace(0, 6, 61).tolist()])
+    assert torch.allclose(kls[0], torch.zeros_like(kls[0]), atol=1e-12)
+    assert (kls.diff(dim=0) >= -1e-12).all()
+
+
 def test_strength_is_monotone_in_the_budget():
     lp = _logprobs(32, 2, seed=1)
     b, p = lp[:, :1], lp[:, 1:]

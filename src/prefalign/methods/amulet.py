@@ -33,7 +33,7 @@ import torch
 from ..errors import PrefalignError
 from .la import plausibility_mask
 from .method import MAX_STRENGTH, ContextRole, Method, base_and_preferences, count, fraction, positive, weighted_mean
-from .safeguard import DEFAULT_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
+from .safeguard import AMULET_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
 
 
 @lru_cache(maxsize=256)
@@ -102,7 +102,7 @@ def ftrl_loop(p: torch.Tensor, b: torch.Tensor, alpha: float, lam: float, eta: f
 
 @dataclass(frozen=True)
 class Amulet(Method):
-    """Amulet with the paper's defaults α=2, λ=2, η=10, T=60, and the safeguard on (``kl_budget=0.25``).
+    """Amulet with the paper's defaults α=2, λ=2, η=10, T=60, and the safeguard on (``kl_budget=0.5``, docs/safeguard.md).
 
     ``kl_budget=0`` is the paper's rule exactly.
 
@@ -122,7 +122,7 @@ class Amulet(Method):
     iterations: int = 60
     exact: bool = False
     plausibility: float = 0.0
-    kl_budget: float = DEFAULT_KL_BUDGET
+    kl_budget: float = AMULET_KL_BUDGET
 
     def __post_init__(self) -> None:
         positive("alpha", self.alpha, allow_zero=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .method import MAX_STRENGTH, ContextRole, Method, base_and_preferences, fraction, positive, weighted_mean
-from .safeguard import DEFAULT_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
+from .safeguard import LA_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
 
 
 def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: 
 class LinearAlignment(Method):
     """Scores ``p + r·(p − b)`` per preference, weighted mean over preferences.
 
-    ``kl_budget`` (nats; 0 = off, the paper's rule) lowers the strength per token to
+    ``kl_budget`` (nats; default 0.25, docs/safeguard.md; 0 = off, the paper's rule) lowers the strength per token to
     the largest ``c ≤ ratio`` with ``KL(softmax(p + c(p − b)) ‖ softmax(p)) ≤ kl_budget``
     (:func:`~prefalign.methods.safeguard.kl_bounded_strength`), each preference on its own.
     ``plausibility`` (0 = off) masks tokens whose preference-context probability is
@@ -38,7 +38,7 @@ class LinearAlignment(Method):
     summary = "Linear Alignment: p + ratio·(p − b)"
     ratio: float = 2.0
     plausibility: float = 0.0
-    kl_budget: float = DEFAULT_KL_BUDGET
+    kl_budget: float = LA_KL_BUDGET
 
     def __post_init__(self) -> None:
         positive("ratio", self.ratio, allow_zero=True, maximum=MAX_STRENGTH)

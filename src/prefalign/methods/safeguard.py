@@ -25,10 +25,14 @@ import torch
 
 from .method import positive
 
-#: Default KL budget (nats) of ``la`` and ``amulet``; 0 turns the safeguard off (the papers' rules).
-#: Measured on the embedded model (docs/safeguard.md, 8 prompts × 4 preferences, 96 tokens):
-#: Amulet collapsed in 28/32 answers at the paper's rule, 2/32 at 0.25 (pref: 1/32), 7/32 at 1.
-DEFAULT_KL_BUDGET = 0.25
+#: Default KL budgets (nats); 0 turns the safeguard off (the papers' rules). Measured in
+#: docs/safeguard.md: on the embedded model (8 prompts × 4 preferences, 96 tokens) Amulet
+#: collapsed in 28/32 answers at the paper's rule, 2/32 at 0.25 and 0.5 (pref: 1/32), 7/32
+#: at 1; la 10/32 → 2/32 at 0.25, 3/32 at 0.5. On the 1.5B probe (12 pairs) Amulet at 0.5
+#: kept the paper's 7 wins over pref with 0 losses (0.25: 4 wins, 2 losses), 2/12 collapsed
+#: against the paper rule's 7/12.
+AMULET_KL_BUDGET = 0.5
+LA_KL_BUDGET = 0.25
 
 #: Largest accepted budget: a few nats already leave almost every token at full strength.
 MAX_KL_BUDGET = 100.0

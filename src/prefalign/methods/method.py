@@ -48,6 +48,9 @@ class Method(ABC):
     needs_preference: ClassVar[bool] = True
     #: Which template the method uses unless the caller chooses one.
     default_template: ClassVar[str] = "default"
+    #: Where the method measurably helps, and by how much (from the docs' measurements, not
+    #: hopes), for `prefalign methods` and the docs; empty when not measured.
+    helps: ClassVar[str] = ""
 
     @property
     def beam_width(self) -> int:

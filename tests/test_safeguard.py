@@ -189,3 +189,12 @@ def test_accepted_amulet_parameters_combine_to_finite_scores(params):
 def test_largest_la_ratio_gives_finite_scores():
     lp = _logprobs(2, 2, dtype=torch.float32)
     assert torch.isfinite(LinearAlignment(ratio=MAX_STRENGTH).combine(lp, torch.ones(1))).all()
+
+
+def test_safeguard_is_on_by_default_and_shown_in_the_parameters():
+    from prefalign.methods import method_parameters
+
+    assert Amulet().kl_budget == 0.5 and LinearAlignment().kl_budget == 0.25  # docs/safeguard.md
+    for name in ("amulet", "la"):
+        assert "kl_budget" in [f.name for f in method_parameters(name)]
+        assert make_method(name, kl_budget=0).kl_budget == 0.0

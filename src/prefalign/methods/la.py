@@ -37,8 +37,9 @@ class LinearAlignment(Method):
     name = "la"
     summary = "Linear Alignment: p + ratio·(p − b)"
     helps = (
-        "on the embedded 135M it stays fluent (2/32 collapsed vs 10/32 at the paper's rule) but is about "
-        "even with pref (14 of 32 wins), shorter for every preference; not yet measured on the 1.5B model "
+        "a model that follows the preference prompt: on Qwen2.5-1.5B it beat pref in 7 of 8 decided pairs "
+        "(probe, 12 pairs, 2 collapsed vs 4 at the paper's rule); on the embedded 135M it stays fluent "
+        "(2/32 collapsed vs 10/32) but is about even with pref (14 of 32 wins), shorter for every preference "
         "(docs/safeguard.md)"
     )
     ratio: float = 2.0

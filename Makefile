@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 LLAMACPP := llama-cpp-python==0.3.36
 WHEELS := $(HOME)/.cache/prefalign/wheels
 
-.PHONY: install demo test bench clean llamacpp
+.PHONY: install demo test bench model-qwen clean llamacpp
 
 install: $(VENV)/.demo
 
@@ -46,6 +46,11 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.demo
 	$(PY) benchmarks/decode_speed.py
+
+# Opt-in, never part of demo/test: Qwen2.5-Coder-1.5B-Instruct (1.1 GB download, ~7 GB cache;
+# verified by SHA-256, see prefalign/local_models.py). Then use --model qwen2.5-1.5b.
+model-qwen: install
+	$(PY) -m prefalign.local_models install qwen2.5-1.5b
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

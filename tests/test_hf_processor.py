@@ -12,7 +12,9 @@ from prefalign.hf import PreferenceLogitsProcessor
 PROMPTS = ["Hi", "Explain why the sky is blue."]
 
 
-@pytest.mark.parametrize(("method", "params"), [("amulet", {}), ("la", {"ratio": 1.0})])
+# The papers' rules (kl_budget=0): generate hands the processor scores in which min_new_tokens
+# has banned EOS, i.e. a renormalised p; the rules are invariant to that, the KL safeguard is not.
+@pytest.mark.parametrize(("method", "params"), [("amulet", {"kl_budget": 0.0}), ("la", {"ratio": 1.0, "kl_budget": 0.0})])
 def test_processor_in_generate_equals_engine(tiny_llama, tokenizer, method, params):
     proc = PreferenceLogitsProcessor.from_prompt(tiny_llama, tokenizer, PROMPTS, preference="concise", method=method, **params)
     out = tiny_llama.generate(

@@ -218,6 +218,10 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, dict
     """Map a user's model argument to ``(path_or_id, extra from_pretrained kwargs)``."""
     if name is None or str(name) in (EMBEDDED_MODEL, ""):
         return str(_converted_gguf_dir(embedded_gguf_path())), {}
+    from . import local_models  # imported here: `python -m prefalign.local_models` must not find it pre-imported
+
+    if str(name) in local_models.MODELS:  # a short name of an opt-in local model
+        return str(_converted_gguf_dir(local_models.require(str(name)))), {}
     path = Path(str(name)).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

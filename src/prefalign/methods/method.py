@@ -48,6 +48,9 @@ class Method(ABC):
     needs_preference: ClassVar[bool] = True
     #: Which template the method uses unless the caller chooses one.
     default_template: ClassVar[str] = "default"
+    #: Where the method measurably helps, and by how much (from the docs' measurements, not
+    #: hopes), for `prefalign methods` and the docs; empty when not measured.
+    helps: ClassVar[str] = ""
 
     @property
     def beam_width(self) -> int:
@@ -79,6 +82,12 @@ class Method(ABC):
     def params(self) -> dict[str, Any]:
         """The method's parameters as a plain dict."""
         return dataclasses.asdict(self)
+
+
+#: Largest contrastive strength (``la``'s ``ratio``, Amulet's ``c_T``) accepted. Scores are
+#: ``p + c·(p − b)`` on float32 log-probs (|p − b| up to ~100): 1e4 keeps them far from
+#: float32's range, while Amulet's recursion reaches 1e80 at λ = 0 and overflows ``combine``.
+MAX_STRENGTH = 1e4
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False, maximum: float = 1e4) -> None:

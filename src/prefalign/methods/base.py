@@ -15,6 +15,7 @@ class Base(Method):
 
     name = "base"
     summary = "the model without the preference (baseline)"
+    helps = "the baseline: the model without the preference"
     needs_preference = False
 
     def roles(self, n_preferences: int) -> list[ContextRole]:

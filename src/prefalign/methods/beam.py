@@ -21,6 +21,7 @@ class Beam(Pref):
 
     name = "beam"
     summary = "beam search on the preference context (baseline)"
+    helps = "a baseline of the Amulet paper; 16 rows per prompt, so slow"
     width: int = 16
     length_penalty: float = 1.0
 

@@ -168,6 +168,7 @@ class Pad(Method):
 
     name = "pad"
     summary = "PAD: policy + w · token-level reward of a personalised reward model (needs a PRM)"
+    helps = "the model its PRM was trained for: with the shipped PRM on the embedded model it beat pref on 74 % of pairs on its own evaluation split but 54 % on prompts from another set (docs/prm.md)"
     default_template = "pad"
     w: float = 1.6
     k: int = 10

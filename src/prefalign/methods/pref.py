@@ -20,6 +20,7 @@ class Pref(Method):
 
     name = "pref"
     summary = "preference in the prompt only (baseline)"
+    helps = "any model that follows instructions; on the embedded 135M one of the two methods measured to follow a preference (docs/results)"
 
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return [ContextRole(i) for i in range(n_preferences)]

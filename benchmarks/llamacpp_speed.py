@@ -56,6 +56,22 @@ def plain_llamacpp(gguf: Path, prompt_ids: list[int], tokens: int, repeats: int)
     return best_of(run, repeats)
 
 
+def raw_decode_ms(model: object, rows: int, steps: int = 32) -> float:
+    """llama.cpp alone: ms per ``llama_decode`` of one token for each of ``rows`` sequences
+    (after a 32-token prompt each); how the kernels scale with the batch, without prefalign."""
+    lib = model.lib  # type: ignore[attr-defined]
+    lib.llama_memory_clear(model.memory, True)  # type: ignore[attr-defined]
+    prompt = 32
+    model.decode_batch([1] * prompt * rows, [p for _ in range(rows) for p in range(prompt)],  # type: ignore[attr-defined]
+                       [r for r in range(rows) for _ in range(prompt)], [False] * (prompt * rows - 1) + [True])
+    start = time.perf_counter()
+    for step in range(steps):
+        model.decode_batch([2] * rows, [prompt + step] * rows, list(range(rows)), [True] * rows)  # type: ignore[attr-defined]
+    elapsed = time.perf_counter() - start
+    lib.llama_memory_clear(model.memory, True)  # type: ignore[attr-defined]
+    return 1000 * elapsed / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
@@ -81,6 +97,8 @@ def main() -> None:
         "prefalign transformers": Aligner.from_pretrained(fast="auto", threads=1),
     }
     first = backends["prefalign llama.cpp"].build_request(_prompts(1)[0], None, "base").contexts[0][1]
+    raw = {rows: round(raw_decode_ms(backends["prefalign llama.cpp"].model, rows), 2) for rows in (1, 2, 8, 16)}
+    print("llama_decode alone, ms per step by rows:", raw, flush=True)
     record("plain llama.cpp", "base", 1, plain_llamacpp(gguf, list(first), args.tokens, args.repeats))
     for engine, al in backends.items():
         methods = ["base", "pref", "la", "amulet"] if "llama" in engine else ["base", "amulet"]
@@ -102,7 +120,7 @@ def main() -> None:
     if 8 in batches and 1 in batches:
         ratios["base_b8_vs_b1_throughput"] = round(tps(llama, "base", 8) / tps(llama, "base", 1), 2)
         ratios["amulet_b8_vs_b1_throughput"] = round(tps(llama, "amulet", 8) / tps(llama, "amulet", 1), 2)
-    report = {"gguf": gguf.name, "tokens": args.tokens, "repeats": args.repeats, "threads": 1,
+    report = {"raw_llama_decode_ms_by_rows": raw, "gguf": gguf.name, "tokens": args.tokens, "repeats": args.repeats, "threads": 1,
               "cpu": platform.processor() or platform.machine(), "results": rows, "ratios": ratios,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     _atomic_write(args.out, json.dumps(report, indent=2) + "\n")

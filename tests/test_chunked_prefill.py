@@ -23,6 +23,7 @@ LOGPROB_TOLERANCE = 1e-4
 
 def tokens(al: Aligner, chunk: int | None, method: str = "amulet", prompts=PROMPTS, **kwargs) -> list[list[int]]:
     al.engine.prefill_chunk = chunk
+    al.engine.chunk_idle_prefill = True
     try:
         out = al.generate(prompts, preference="concise", method=method, max_new_tokens=10, ignore_eos=True, **kwargs)
     finally:
@@ -67,6 +68,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(llama_aligner):
     long = al.build_request(long_prompt, "concise", "amulet", max_new_tokens=5, ignore_eos=True)
     engine = al.engine
     engine.prefill_chunk = 16
+    engine.chunk_idle_prefill = True
     try:
         engine.add(short)
         while not engine.num_active:  # its own (short) prefill takes a few chunks too
@@ -93,6 +95,7 @@ def test_cancel_during_prefill_removes_the_request(llama_aligner):
     al = llama_aligner
     engine = al.engine
     engine.prefill_chunk = 8
+    engine.chunk_idle_prefill = True
     try:
         keep = al.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=6, ignore_eos=True)
         drop = al.build_request(PROMPTS[2], "concise", "amulet", max_new_tokens=6, ignore_eos=True)
@@ -165,3 +168,21 @@ def test_a_much_longer_prompt_gets_its_own_cache_bucket(llama_aligner):
     assert engine.pop_result(short.request_id).token_ids == al.generate(PROMPTS[0], preference="concise", method="amulet", max_new_tokens=12, ignore_eos=True)[0].token_ids
     assert engine.pop_result(long.request_id).token_ids == al.generate(long_prompt, method="base", max_new_tokens=4, ignore_eos=True)[0].token_ids
     assert len(runner.buckets) <= 1
+
+
+def test_with_nothing_running_a_prefill_runs_whole(llama_aligner):
+    """Chunks protect running streams; with none running there is no one to wait for."""
+    engine = llama_aligner.engine
+    engine.prefill_chunk = 4
+    try:
+        first = llama_aligner.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=20, ignore_eos=True)
+        engine.add(first)
+        engine.step()
+        assert engine.num_active == 1 and not engine._prefilling  # whole, in one step
+        engine.add(llama_aligner.build_request(PROMPTS[2], "concise", "amulet", max_new_tokens=2))
+        engine.step()
+        assert engine._prefilling  # now someone is running: chunked
+        while engine.has_work:
+            engine.step()
+    finally:
+        engine.prefill_chunk = None

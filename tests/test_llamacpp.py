@@ -147,6 +147,7 @@ def test_every_method_but_pad_runs(al, method, kwargs):
 def test_chunked_prefill_equals_whole(al):
     whole = [r.token_ids for r in al.generate(PROMPTS, preference="concise", method="amulet", max_new_tokens=8)]
     al.engine.prefill_chunk = 7
+    al.engine.chunk_idle_prefill = True
     try:
         chunked = [r.token_ids for r in al.generate(PROMPTS, preference="concise", method="amulet", max_new_tokens=8)]
     finally:

@@ -576,5 +576,6 @@ def test_fused_pad_with_chunked_prefill_equals_whole_prefill(tiny_llama, tokeniz
     al.add_model(PRM, FusedPadModel(tiny_llama, _trained_looking_prm(tiny_llama)))
     whole = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=10)]
     al.engine.prefill_chunk = 6
+    al.engine.chunk_idle_prefill = True
     chunked = [r.token_ids for r in al.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=10)]
     assert chunked == whole

@@ -143,6 +143,7 @@ def expected_greedy(prompt: list[int], n: int = 6) -> list[int]:
 def test_the_engine_drives_a_custom_runner(chunk):
     model = ToyModel()
     engine = Engine(model, ToyTokenizer(), prefill_chunk=chunk)
+    engine.chunk_idle_prefill = True
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
     results = engine.generate([request(p) for p in prompts])
     assert [r.token_ids for r in results] == [expected_greedy(p) for p in prompts]
@@ -160,6 +161,7 @@ def test_beams_fork_and_everything_is_released():
 def test_failed_and_cancelled_prefills_release_their_rows():
     model = ToyModel()
     engine = Engine(model, ToyTokenizer(), prefill_chunk=1)
+    engine.chunk_idle_prefill = True
     good, bad = request([1, 2, 3]), request([4, POISON, 5])
     results = engine.generate([good, bad])
     assert results[0].token_ids == expected_greedy([1, 2, 3])

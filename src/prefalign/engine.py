@@ -291,6 +291,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(self.models[POLICY], tokenizer))
         self.prefill_chunk = prefill_chunk
+        #: Chunk a prefill even when no request is running (tests of chunking use it).
+        self.chunk_idle_prefill = False
         self._pending: list[GenerationRequest] = []
         self._prefilling: list[_PrefillGroup] = []
         self._active: dict[str, _Active] = {}
@@ -302,8 +304,9 @@ class Engine:
     def prefill_chunk(self) -> int | None:
         """Prompt tokens one model forward prefills per step (None: whole prompts at once).
 
-        A prompt longer than this is prefilled over several steps, interleaved with the
-        running requests' decode steps. Changing it takes effect at the next step.
+        While requests are running, a prompt longer than this is prefilled over several
+        steps, interleaved with their decode steps; with none running it runs whole.
+        Changing it takes effect at the next step.
         """
         return self._prefill_chunk
 
@@ -509,7 +512,11 @@ class Engine:
     def _advance_prefill(self, models: Mapping[str, Any], deltas: list[Delta]) -> list[_PrefillGroup]:
         """Run the next chunk of each prefilling group, oldest first, within the token budget
         of each model's forward; return the groups whose prefill is complete."""
-        budget: dict[str, int | None] = {key: self.prefill_chunk for key in models}
+        # Chunking protects running requests' next token; with none running, a prefill
+        # has no one to wait for and runs whole (one forward instead of many small ones).
+        running = any(a.finish_reason is None for a in self._active.values())
+        chunk = self.prefill_chunk if running or self.chunk_idle_prefill else None
+        budget: dict[str, int | None] = {key: chunk for key in models}
         completed: list[_PrefillGroup] = []
         queue = list(self._prefilling)
         self._prefilling = []

@@ -87,6 +87,43 @@ def embedded():
     return Aligner.from_pretrained(fast=False)
 
 
+@pytest.fixture
+def aligner(tiny_model, tokenizer):
+    """An Aligner over a tiny model (Llama and GPT-2 variants), its own engine per test."""
+    from prefalign import Aligner
+
+    return Aligner(tiny_model, tokenizer)
+
+
+@pytest.fixture
+def llama_aligner(tiny_llama, tokenizer):
+    from prefalign import Aligner
+
+    return Aligner(tiny_llama, tokenizer)
+
+
+def exploding_method(name: str = "explodes") -> type:
+    """A method whose rule raises: stands in for any bug or overflow inside ``combine``."""
+    from dataclasses import dataclass
+
+    from prefalign.methods import Method
+    from prefalign.methods.method import ContextRole
+
+    @dataclass(frozen=True)
+    class Explodes(Method):
+        summary = "test: combine raises"
+        needs_preference = False
+
+        def roles(self, n):
+            return [ContextRole(None)]
+
+        def combine(self, logprobs, weights):
+            raise RuntimeError("value cannot be converted to type float without overflow")
+
+    Explodes.name = name
+    return Explodes
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -138,16 +138,6 @@ def test_chunked_prefill_on_the_embedded_model(embedded):
         assert tokens(embedded, 5, method, prompts=prompts) == tokens(embedded, None, method, prompts=prompts)
 
 
-@pytest.fixture
-def aligner(tiny_model, tokenizer):
-    return Aligner(tiny_model, tokenizer)
-
-
-@pytest.fixture
-def llama_aligner(tiny_llama, tokenizer):
-    return Aligner(tiny_llama, tokenizer)
-
-
 def test_a_much_longer_prompt_gets_its_own_cache_bucket(llama_aligner):
     """Short rows are not padded to a long prompt's length (their cache is copied every
     step); the answers are the ones each request gets alone."""

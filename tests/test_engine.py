@@ -19,16 +19,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture
-def aligner(tiny_model, tokenizer):
-    return Aligner(tiny_model, tokenizer)
-
-
-@pytest.fixture
-def llama_aligner(tiny_llama, tokenizer):
-    return Aligner(tiny_llama, tokenizer)
-
-
 def test_base_greedy_equals_transformers_generate(aligner):
     ids = encode_context(aligner.tokenizer, to_chat(PROMPTS[1]), None, "default")
     ref = aligner.model.generate(

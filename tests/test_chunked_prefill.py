@@ -125,10 +125,18 @@ def test_run_validates_every_request_before_queueing_any(llama_aligner):
     al = llama_aligner
     good = al.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=3)
     bad = al.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=3)
-    bad = GenerationRequest(contexts=bad.contexts, method=bad.method, weights=(0.0,), sampling=bad.sampling)
-    with pytest.raises(PrefalignError):
+    bad.contexts[0] = ("prm", bad.contexts[0][1])  # a model this engine does not have
+    with pytest.raises(PrefalignError, match="prm"):
         al.engine.generate([good, bad])
     assert not al.engine.has_work
+
+
+@pytest.mark.parametrize("weights", [(0.0,), (-1.0,), (float("inf"),), (float("nan"),), (1e308, 1e308), ()])
+def test_a_request_built_by_hand_is_refused_bad_weights(llama_aligner, weights):
+    made = llama_aligner.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=3)
+    with pytest.raises(PrefalignError) as info:
+        GenerationRequest(contexts=made.contexts, method=made.method, weights=weights, sampling=made.sampling)
+    assert info.value.field == "preference"
 
 
 @pytest.mark.embedded

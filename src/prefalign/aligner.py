@@ -224,17 +224,9 @@ class Aligner:
         no ``sampling``: 128. Each setting is checked once, by the object that holds it.
         """
         rule = make_method(method, **method_params)
-        overrides = {
-            name: value
-            for name, value in dict(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                stop=stop, ignore_eos=ignore_eos,
-            ).items()
-            if value is not None
-        }
-        if seed is not None:
-            overrides["seed"] = seed
-        decoding = dataclasses.replace(sampling or SamplingParams(), **overrides) if overrides else (sampling or SamplingParams())
+        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     seed=seed, stop=stop, ignore_eos=ignore_eos)
+        decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
         preferences = parse_preferences(preference)
         if rule.needs_preference and not preferences:
             raise PrefalignError(

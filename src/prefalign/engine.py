@@ -136,6 +136,12 @@ class GenerationRequest:
     template: str | None = None
     preferences: tuple[Any, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Preferences parsed by prefalign.prompts are already checked; a request built by
+        # hand is checked here, where the weights are held.
+        if not self.weights or any(not math.isfinite(w) or w <= 0 for w in self.weights) or not math.isfinite(sum(self.weights)):
+            raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
+
     @property
     def max_new_tokens(self) -> int:
         return self.sampling.max_new_tokens
@@ -336,19 +342,19 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Drop a request (queued, prefilling or running); its rows leave the batch at the next step."""
         self._pending = [r for r in self._pending if r.request_id != request_id]
-        if request_id in self._active or any(a.request.request_id == request_id for g in self._prefilling for a in g.members):
+        if request_id in self._active or self._is_prefilling(request_id):
             self._cancelled.add(request_id)
 
     @property
     def has_work(self) -> bool:
         return bool(self._pending or self._prefilling or self._active)
 
+    def _is_prefilling(self, request_id: str) -> bool:
+        return any(a.request.request_id == request_id for g in self._prefilling for a in g.members)
+
     def _known(self, request_id: str) -> bool:
-        return (
-            request_id in self._active
-            or any(r.request_id == request_id for r in self._pending)
-            or any(a.request.request_id == request_id for g in self._prefilling for a in g.members)
-        )
+        """Queued, prefilling or running (not finished, not dropped)."""
+        return request_id in self._active or any(r.request_id == request_id for r in self._pending) or self._is_prefilling(request_id)
 
     @property
     def num_active(self) -> int:
@@ -380,8 +386,6 @@ class Engine:
                 raise PrefalignError("a context has no tokens", field="prompt")
         if not isinstance(request.sampling, SamplingParams):
             raise PrefalignError("a request's sampling must be a SamplingParams", field="sampling")
-        if not request.weights or any(not math.isfinite(w) or w <= 0 for w in request.weights) or not math.isfinite(sum(request.weights)):
-            raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
         if request.method.beam_width > 1 and not request.sampling.greedy:
             raise PrefalignError("beam search is deterministic; use temperature 0 with method 'beam'", field="temperature")
 

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_load import ServerProcess  # noqa: E402
+from server_load import ServerProcess, stream_chunks  # noqa: E402
 
 from prefalign.bench import _atomic_write  # noqa: E402
 
@@ -42,19 +42,11 @@ PROMPTS = ["How do I boil an egg?", "What should I pack for a weekend hike?", "E
 def stream(url: str, body: dict[str, Any], arrivals: list[float], started: threading.Event | None = None, after: int = 5) -> None:
     """Consume one SSE stream, appending the arrival time of every content chunk."""
     with httpx.Client(base_url=url, timeout=httpx.Timeout(900, connect=10)) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    arrivals.append(time.perf_counter())
-                    if started is not None and len(arrivals) == after:
-                        started.set()
+        for chunk in stream_chunks(http, body):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+                if started is not None and len(arrivals) == after:
+                    started.set()
 
 
 def long_text(tokens: int) -> str:

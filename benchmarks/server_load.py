@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +129,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def one_request(http: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int]:
-    """Send one streamed chat request; return (latency s, time to first token s, completion tokens)."""
-    start = time.perf_counter()
-    first = math.nan
-    tokens = 0
+def stream_chunks(http: httpx.Client, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """POST a streamed chat request and yield its SSE chunks (an HTTP or in-stream error raises)."""
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:200]!r}")
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif math.isnan(first) and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
+            yield chunk
+
+
+def one_request(http: httpx.Client, body: dict[str, Any]) -> tuple[float, float, int]:
+    """Send one streamed chat request; return (latency s, time to first token s, completion tokens)."""
+    start = time.perf_counter()
+    first = math.nan
+    tokens = 0
+    for chunk in stream_chunks(http, body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif math.isnan(first) and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - start
     return time.perf_counter() - start, first, tokens
 
 

@@ -45,7 +45,7 @@ import torch
 from .errors import PrefalignError
 from .methods import POLICY, Method
 from .runners import ModelRunner, Prefill, runner_for
-from .runners.kv_cache import left_pad, positions_from_mask
+from .runners.kv_cache import left_pad, positions_from_mask  # noqa: F401 - re-exported: they lived here before runners/
 
 _NEG_INF = float("-inf")
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 #: What runs the policy model.
 BACKENDS = ("transformers", "llamacpp")
-_PAD_BACKEND_MESSAGE = (
+PAD_BACKEND_MESSAGE = (
     "method 'pad' runs on the transformers backend only: its reward model is the policy's torch backbone "
     "plus LoRA adapters and a linear layer, which llama.cpp cannot apply to some rows of a batch; "
     "load the model with backend='transformers' (CLI: --backend transformers)"
@@ -100,7 +100,7 @@ class Aligner:
             torch.set_num_threads(int(threads))
         if backend == "llamacpp":
             if prm is not None:
-                raise PrefalignError(_PAD_BACKEND_MESSAGE, field="prm")
+                raise PrefalignError(PAD_BACKEND_MESSAGE, field="prm")
             from .runners.llamacpp import gguf_path_for, load_llamacpp
 
             lm, tokenizer = load_llamacpp(gguf_path_for(model), threads=threads)
@@ -137,7 +137,7 @@ class Aligner:
         ``TokenizerMismatchError`` when the PRM was trained for another tokenizer.
         """
         if self.backend != "transformers":
-            raise PrefalignError(_PAD_BACKEND_MESSAGE, field="method")
+            raise PrefalignError(PAD_BACKEND_MESSAGE, field="method")
         name = getattr(self.model.config, "name_or_path", None) or type(self.model).__name__
         if path is None and name != EMBEDDED_DISPLAY_NAME:
             raise PrefalignError(

@@ -43,17 +43,15 @@ BackendOpt = typer.Option(
     "transformers", "--backend",
     help="transformers (PyTorch) or llamacpp (a GGUF in llama.cpp; prefalign[llamacpp]; no pad).",
 )
-BACKENDS = ("transformers", "llamacpp")
-
-
 def check_backend(backend: str, method: str | None = None) -> None:
     """Refuse an unknown backend, and PAD on llama.cpp, before anything loads."""
+    from .aligner import BACKENDS, PAD_BACKEND_MESSAGE  # imported with the package already
     from .suggest import did_you_mean
 
     if backend not in BACKENDS:
         raise PrefalignError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}{did_you_mean(backend, BACKENDS)}", field="backend")
     if backend == "llamacpp" and method == "pad":
-        raise PrefalignError("method 'pad' runs on the transformers backend only; use --backend transformers", field="method")
+        raise PrefalignError(PAD_BACKEND_MESSAGE, field="method")
 
 # --- optional dependencies ------------------------------------------------------------
 

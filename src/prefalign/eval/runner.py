@@ -723,8 +723,10 @@ def run_eval(
         raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {config.max_new_tokens!r}", field="max_new_tokens")
     if config.executor not in ("local", "ray"):
         raise PrefalignError(f"unknown executor {config.executor!r}; choose local or ray", field="executor")
-    if config.model_backend not in ("transformers", "llamacpp"):
-        raise PrefalignError(f"unknown backend {config.model_backend!r}; choose transformers or llamacpp", field="backend")
+    from ..aligner import BACKENDS
+
+    if config.model_backend not in BACKENDS:
+        raise PrefalignError(f"unknown backend {config.model_backend!r}; choose {' or '.join(BACKENDS)}", field="backend")
     if config.executor == "ray" and aligner is not None:
         raise PrefalignError("the ray executor loads the model in each worker; pass model=, not aligner=", field="executor")
     datasets = load_datasets(config.datasets, field=config.prompt_field, limit=config.limit, seed=config.seed)

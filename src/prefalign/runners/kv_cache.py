@@ -218,6 +218,13 @@ class TransformersRunner:
 
     def decode(self) -> torch.Tensor:
         assert self.next_tokens is not None
+        if len(self.buckets) == 1:  # the usual case: the engine's row order is the bucket's
+            bucket = self.buckets[0]
+            positions = bucket.mask.sum(-1, keepdim=True)
+            bucket.mask = F.pad(bucket.mask, (0, 1), value=1)
+            out = last_logprobs(self.model, self.next_tokens[:, None], bucket.mask, positions, bucket.cache, self._route(self.tags))
+            _check_cache_length(bucket.cache, bucket.mask.shape[1])
+            return out
         out: torch.Tensor | None = None
         for bucket in self.buckets:
             positions = bucket.mask.sum(-1, keepdim=True)
@@ -228,8 +235,6 @@ class TransformersRunner:
                 self._route([self.tags[m] for m in bucket.members]),
             )
             _check_cache_length(bucket.cache, bucket.mask.shape[1])
-            if len(self.buckets) == 1 and bucket.members == list(range(len(self.tags))):
-                return logprobs
             if out is None:
                 out = logprobs.new_empty((len(self.tags), logprobs.shape[-1]))
             out[index] = logprobs

@@ -473,9 +473,9 @@ class BatchExecutor:
                 elapsed = time.perf_counter() - started
                 emit(gen, self.rows(batch, gen, result, template, elapsed, answer_template=_answer_template(request, template)))
         finally:
-            # Interrupted (Ctrl-C, an error in emit): leave no rows behind in the engine.
+            # Interrupted (Ctrl-C, an error in emit): Engine.run has cancelled what was
+            # unfinished; drop the results nobody read.
             for r in requests:
-                al.engine.cancel(r.request_id)
                 al.engine.pop_result(r.request_id)
 
     def rows(

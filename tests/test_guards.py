@@ -8,6 +8,7 @@ import pytest
 
 from prefalign.errors import PrefalignError
 from prefalign.eval.guards import (
+    instruction_leak,
     DEFAULT_THRESHOLDS,
     GuardThresholds,
     guard_report,
@@ -203,3 +204,44 @@ def test_perplexity_texts_and_edge_cases(tiny_llama) -> None:
         perplexity(tiny_llama, None, ["text"])  # text needs a tokenizer
     with pytest.raises(PrefalignError):
         perplexity(tiny_llama, None, [([1], [2])], batch_size=0)
+
+
+# Answers of PAD on the embedded model (docs/results/pad) that talk about their
+# instructions, and sentences of real answers that share their words.
+LEAKS = [
+    "To meet the specified constraints, I will craft a response that meets the guidelines.",
+    "Transmission Control Protocol. In this response, I will use the principle of layering.",
+    "The provided instructions are incomplete and unclear. Please provide the correct ones.",
+    "Sure, I'd be happy to help! Here's a concise answer: it rains because clouds cool.",
+    "Your task is to generate response that is easy for a beginner to understand.",
+    "The above response is a mix of the given principles.",
+]
+ANSWERS = [
+    "The immune response to the virus starts within hours of infection.",
+    "Follow the instructions on the label and keep the bottle closed.",
+    "This rule is based on the principle of minimizing financial losses.",
+    "Choose a destination that fits your budget and the season.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", LEAKS)
+def test_instruction_leak_flags_answers_about_their_instructions(text):
+    passage = instruction_leak(text)
+    assert passage is not None
+    assert passage.strip("…").split()[0].lower() in text.lower()
+
+
+@pytest.mark.parametrize("text", ANSWERS)
+def test_instruction_leak_leaves_answers_alone(text):
+    assert instruction_leak(text, ["Your answer should be concise as much as possible."]) is None
+
+
+def test_instruction_leak_finds_five_quoted_words_of_an_instruction():
+    preference = "Your answer should be understandable by a PhD student in that specific field."
+    text = "Quantum tunnelling, explained so it is understandable by a PhD student in physics."
+    assert instruction_leak(text, [preference]) == "understandable by a phd student"
+    # Four shared words are not a quotation.
+    assert instruction_leak("It is understandable by a PhD in physics.", [preference]) is None
+    assert instruction_leak(text) is None

@@ -10,7 +10,9 @@ leave them out of win rates:
 - :func:`repetition_rate` -- share of repeated word n-grams (n = 3 and 4);
 - :func:`non_dictionary_share` -- share of words missing from the CMU dictionary;
 - :func:`is_truncated` -- generation stopped at ``max_new_tokens``;
-- :func:`perplexity` -- perplexity of the answer under a causal LM given its prompt.
+- :func:`perplexity` -- perplexity of the answer under a causal LM given its prompt;
+- :func:`instruction_leak` -- the answer talks about its instructions (the preference,
+  PAD's guideline) instead of answering.
 
 :func:`guard_report` applies the thresholds of :class:`GuardThresholds` (calibrated on
 hand-made and generated examples; see ``docs/judges.md``) and :func:`is_collapsed`
@@ -35,6 +37,7 @@ __all__ = [
     "GuardThresholds",
     "dictionary_words",
     "guard_report",
+    "instruction_leak",
     "is_collapsed",
     "is_truncated",
     "non_dictionary_share",
@@ -113,6 +116,61 @@ def non_dictionary_share(text: str) -> float:
             if not _in_dictionary(part.lower().strip("'"), vocab):
                 missing += 1
     return missing / checked if checked else 0.0
+
+
+# An answer that talks about its instructions instead of answering: PAD's guideline prompt
+# ("[Guidelines] Your task is to generate response by considering the following principle")
+# leaks into answers such as "I will craft a response that meets the guidelines", "In this
+# response, I will use the principle of layering", "Here's a concise answer:". Each pattern
+# refers to the answer itself or to its instructions; words that a real answer uses
+# ("the immune response", "follow the instructions on the label", "a principle of physics")
+# do not match (tests/test_guards.py has both kinds).
+_LEAK_PATTERNS = tuple(
+    re.compile(pattern, re.IGNORECASE)
+    for pattern in (
+        r"\b(?:here(?:'s| is)|below is) (?:a|an|my|the) (?:[\w-]+ ){0,2}(?:response|answer|reply)\b",
+        r"\b(?:this|the above|my|the following|a sample|the provided) (?:[\w-]+ )?(?:response|answer)\b(?! to the (?:virus|infection|vaccine|treatment))",
+        r"\b(?:provided|given|specified|above|following) (?:[\w-]+ )?(?:instructions|guidelines?|principles|constraints|criteria)\b",
+        r"\b(?:meets?|meeting|fits?|fitting|adher(?:e|es|ing) to|satisf(?:y|ies|ying)|considering) (?:the|your|these|all|both) "
+        r"(?:[\w-]+ )?(?:criteria|guidelines?|principles?)\b",
+        r"\bI(?:'ll| will| am going to| shall) (?:use|apply|follow|craft|write|generate|create|provide|keep|make) "
+        r"(?:[\w-]+ ){0,4}?(?:response|answer|principles?|guidelines?)\b",
+        r"\b(?:to )?generat(?:e|ing) (?:a |the |my )?response\b",
+        r"\b(?:the|your|these) (?:guidelines|system prompt)\b",
+    )
+)
+
+#: Words of an instruction that an answer may share without quoting it.
+_ECHO_WORDS = 5
+
+
+def instruction_leak(text: str, instructions: Sequence[str] = ()) -> str | None:
+    """The passage of ``text`` that talks about its instructions, or None.
+
+    Flags phrases about the answer or its instructions ("Here's a concise answer:", "meets
+    the criteria", "I will use the principle of ...", "to generate a response"), and any
+    run of five words quoted from one of ``instructions`` (e.g. the preference sentence
+    and PAD's guideline). The answer's own topic can share such words (a question about
+    guidelines); read the flagged passages, which the report lists, before trusting a
+    count.
+    """
+    for pattern in _LEAK_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            return _passage(text, match.start(), match.end())
+    answer = [w.lower() for w in re.findall(r"[\w']+", text)]
+    grams = {tuple(answer[i : i + _ECHO_WORDS]) for i in range(len(answer) - _ECHO_WORDS + 1)}
+    for instruction in instructions:
+        quoted = [w.lower() for w in re.findall(r"[\w']+", instruction or "")]
+        for i in range(len(quoted) - _ECHO_WORDS + 1):
+            if tuple(quoted[i : i + _ECHO_WORDS]) in grams:
+                return " ".join(quoted[i : i + _ECHO_WORDS])
+    return None
+
+
+def _passage(text: str, start: int, end: int, margin: int = 30) -> str:
+    left, right = max(0, start - margin), min(len(text), end + margin)
+    return ("…" if left else "") + " ".join(text[left:right].split()) + ("…" if right < len(text) else "")
 
 
 def is_truncated(finish_reason: str | None) -> bool:

@@ -45,3 +45,17 @@ def test_fingerprint_detects_a_different_vocabulary(tokenizer):
     other = copy.deepcopy(tokenizer)
     other.add_tokens(["<extra_token_for_test>"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
+
+
+def test_gguf_tokenizer_reads_the_tokenizer_without_converting_weights(tmp_path, monkeypatch):
+    from prefalign.models import embedded_gguf_path, gguf_tokenizer, load_tokenizer, tokenizer_fingerprint
+
+    expected = tokenizer_fingerprint(load_tokenizer())  # from the usual (converted) cache
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    tokenizer = gguf_tokenizer(embedded_gguf_path())
+    assert tokenizer_fingerprint(tokenizer) == expected
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
+    assert not list(tmp_path.rglob("*.safetensors"))  # no weights were converted
+    (cached,) = (tmp_path / "tokenizers").iterdir()
+    assert (cached / "tokenizer_config.json").is_file()
+    assert tokenizer_fingerprint(gguf_tokenizer(embedded_gguf_path())) == expected  # from that cache

@@ -133,6 +133,36 @@ def _converted_gguf_dir(gguf: Path) -> Path:
     return target
 
 
+def gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer of a GGUF file, without converting its weights.
+
+    The llama.cpp backend needs only the tokenizer from transformers; converting a 1.5B
+    model's weights for it would take minutes and ~7 GB. Uses the converted directory when
+    one exists, else reads the tokenizer from the GGUF once and caches it on its own.
+    """
+    from transformers import AutoTokenizer
+
+    key = f"{gguf.stem}-{content_hash(gguf)}"
+    for target in (cache_dir() / "converted" / key, cache_dir() / "tokenizers" / key):
+        if (target / "tokenizer_config.json").is_file():
+            return prepare_tokenizer(AutoTokenizer.from_pretrained(str(target)))
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many kinds here
+        raise ModelLoadError(f"cannot read the tokenizer of GGUF file {gguf}: {exc}", field="model") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:  # a temporary sibling renamed into place: an interrupted save leaves no half cache
+        tokenizer.save_pretrained(tmp)
+        if not target.exists():
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return prepare_tokenizer(tokenizer)
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     """One converted model in the cache."""

@@ -338,10 +338,13 @@ class LlamaCppRunner:
 def gguf_path_for(name: str | os.PathLike[str] | None) -> Path:
     """The GGUF file behind a model argument: the embedded model's, a ``.gguf`` path, or
     the one ``.gguf`` in a directory."""
+    from .. import local_models
     from ..models import EMBEDDED_MODEL, embedded_gguf_path
 
     if name is None or str(name) in (EMBEDDED_MODEL, ""):
         return embedded_gguf_path()
+    if str(name) in local_models.MODELS:  # a short name of an opt-in local model
+        return local_models.require(str(name))
     path = Path(str(name)).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -362,12 +365,12 @@ def load_llamacpp(path: str | os.PathLike[str], *, threads: int | None = None, *
     """``(model, tokenizer)`` for a GGUF file on the llama.cpp backend.
 
     The tokenizer is transformers' reading of the same GGUF (same token ids as llama.cpp's
-    vocabulary), through prefalign's usual model cache.
+    vocabulary), cached without converting the weights.
     """
-    from ..models import load_tokenizer
+    from ..models import gguf_tokenizer
 
     model = LlamaCppModel(path, threads=threads, **kwargs)
-    tokenizer = load_tokenizer(str(path))
+    tokenizer = gguf_tokenizer(Path(path))
     if len(tokenizer) > model.vocab_size + 16 or model.vocab_size > len(tokenizer) + 1024:
         raise ModelLoadError(
             f"the tokenizer read from {path} has {len(tokenizer)} tokens but llama.cpp's vocabulary {model.vocab_size}",

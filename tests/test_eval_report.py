@@ -240,3 +240,22 @@ def test_collapse_mark_sits_beyond_the_error_bar(tmp_path, monkeypatch):
     (mark,) = [t for t in ax.texts if t.get_text().startswith("†")]
     c = a.scores[("concise", "amulet")]
     assert mark.xy[1] >= c.high - 1e-9  # at the whisker's end, not on the bar's top inside the error bar
+
+
+def test_answers_about_their_instructions_are_counted_and_shown():
+    rows = _rows()
+    leaked = next(r for r in rows if (r["preference"], r["variant"], r["prompt_id"]) == ("formal", "amulet", "p1"))
+    leaked["text"] = "Sure! Here's a formal answer: the meeting is at noon."
+    quoting = next(r for r in rows if (r["preference"], r["variant"], r["prompt_id"]) == ("formal", "pref", "p2"))
+    quoting["preference_text"] = "Your answer should be formal as much as possible."
+    quoting["text"] = "The meeting, formal as much as possible, is at noon."
+    a = analyse(rows)
+    assert a.fluency["amulet"]["leaked"] == pytest.approx(1 / 8)
+    assert a.fluency["pref"]["leaked"] == pytest.approx(1 / 8)
+    assert a.fluency["base"]["leaked"] == 0
+    assert not leaked["collapsed"]  # a fluent answer about its instructions is not word salad
+    md = render_markdown(a)
+    assert _row_of(md, "Fluency", "amulet")[-1] == "12%"
+    assert _row_of(md, "Answers about their instructions", "toy")[3:] == ["pref", "formal as much as possible"]
+    section = md.split("## Answers about their instructions", 1)[1].split("\n## ", 1)[0]
+    assert "Here's a formal answer" in section and "formal as much as possible" in section

@@ -216,8 +216,10 @@ def mark_collapse(rows: list[dict[str, Any]]) -> None:
     dataset, prompt id and template when available). Sets ``row["collapsed"]`` and
     ``row["collapse_reasons"]`` in place.
     """
-    from .guards import guard_report
+    from ..prompts import PAD_GUIDELINE_TEMPLATE
+    from .guards import guard_report, instruction_leak
 
+    guideline = PAD_GUIDELINE_TEMPLATE.split("{")[0]  # the fixed words PAD's template shows before the principle
     ref: dict[tuple[Any, ...], float] = {}
     for r in rows:
         ppl = (r.get("guards") or {}).get("perplexity")
@@ -237,6 +239,8 @@ def mark_collapse(rows: list[dict[str, Any]]) -> None:
         r["collapsed"] = report.collapsed
         r["collapse_reasons"] = "; ".join(report.reasons)
         r["perplexity_ratio"] = report.perplexity_ratio
+        # Not a collapse (the answer may be fluent), but not an answer either: counted apart.
+        r["instruction_leak"] = instruction_leak(r.get("text", ""), [r.get("preference_text") or "", guideline])
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -310,6 +314,7 @@ def _fluency(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         "non_dictionary": _mean([x.get("non_dictionary_share", 0.0) for x in g]),
         "truncated": _mean([1.0 if r.get("finish_reason") == "length" else 0.0 for r in gens]),
         "collapsed": _mean([1.0 if r["collapsed"] else 0.0 for r in gens]),
+        "leaked": _mean([1.0 if r.get("instruction_leak") else 0.0 for r in gens]),
     }
 
 
@@ -534,12 +539,13 @@ def ceiling_note(a: Analysis, reference: str) -> list[str]:
 
 def fluency_table(a: Analysis) -> list[str]:
     header = ["method", "answers", "mean tokens", "median perplexity", "ppl / base", "repeated 4-grams",
-              "non-dictionary words", "truncated", "collapsed"]
+              "non-dictionary words", "truncated", "collapsed", "about its instructions"]
     body = []
     for v in a.variants:
         f = a.fluency[v]
         body.append([v, str(int(f["answers"])), fmt(f["tokens"]), fmt(f["perplexity"]), fmt(f["perplexity_ratio"]),
-                     _pct(f["repetition"]), _pct(f["non_dictionary"]), _pct(f["truncated"]), _pct(f["collapsed"])])
+                     _pct(f["repetition"]), _pct(f["non_dictionary"]), _pct(f["truncated"]), _pct(f["collapsed"]),
+                     _pct(f["leaked"])])
     return _table(header, body)
 
 
@@ -763,6 +769,16 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
         examples = [[r["dataset"], str(r["prompt_id"]), "(all: shared answer)" if r.get("shared") else r["preference"],
                      r["variant"], r["collapse_reasons"], _snippet(r.get("text", ""))] for r in _examples(a)]
         lines += _table(["dataset", "id", "preference", "method", "why", "answer"], examples, "llllll")
+    leaks = [r for r in _unique_generations(a.rows) if r.get("instruction_leak")]
+    if leaks:
+        lines += ["", "## Answers about their instructions", "",
+                  "Answers that talk about the preference or PAD's guideline instead of answering "
+                  "(`prefalign.eval.guards.instruction_leak`; the *about its instructions* column of *Fluency*), "
+                  "a few per method, with the flagged passage:", ""]
+        shown = [r for v in a.variants for r in [x for x in leaks if x["variant"] == v][:3]]
+        lines += _table(["dataset", "id", "preference", "method", "passage"],
+                        [[r["dataset"], str(r["prompt_id"]), r["preference"], r["variant"], r["instruction_leak"]]
+                         for r in shown], "lllll")
     if len(a.datasets) > 1:
         lines += ["", "## By dataset", ""]
         for d in a.datasets:

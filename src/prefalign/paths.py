@@ -1,4 +1,5 @@
-"""Where prefalign looks for the project's shared data (prompt files for demo and make-pairs).
+"""Where prefalign looks for the project's shared data (prompt files for demo and make-pairs),
+and where it keeps its cache (:func:`cache_dir`).
 
 One rule, used by ``prefalign demo``, ``prefalign make-pairs`` and stated in their
 ``--help``: ``$PREFALIGN_DATA`` if set, else ``../shared/data`` beside the current
@@ -30,3 +31,8 @@ def data_dir() -> Path | None:
     replaced by another directory.
     """
     return next((c for c in data_dir_candidates() if c.is_dir()), None)
+
+
+def cache_dir() -> Path:
+    """Root of prefalign's cache (``$PREFALIGN_CACHE`` or ``~/.cache/prefalign``)."""
+    return Path(os.environ.get("PREFALIGN_CACHE") or Path.home() / ".cache" / "prefalign")

@@ -24,7 +24,7 @@ Preset preference names reproduce the papers' sentences (see :data:`PRESETS`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -282,3 +282,19 @@ def encode_context(tokenizer: Any, chat: Chat, preference: str | None, template:
     # Chat templates already contain BOS where the model wants one.
     ids = tokenizer(text, add_special_tokens=template == "plain")["input_ids"]
     return list(ids)
+
+
+def split_preference_values(values: Iterable[str]) -> list[str]:
+    """Preference arguments (``-p``/``--preferences``, repeatable) → preferences.
+
+    Each value is split on commas when every part is a single word (preset names such
+    as ``concise,formal``); otherwise the whole value is one free-text preference, its
+    spaces and commas kept (``-p "short, plain answers"``).
+    """
+    out: list[str] = []
+    for value in values:
+        parts = [p.strip() for p in value.split(",")]
+        if not all(parts) or any(" " in p for p in parts):
+            parts = [value.strip()]
+        out.extend(p for p in parts if p)
+    return out

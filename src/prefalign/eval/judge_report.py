@@ -73,7 +73,7 @@ def compare_judges(a: Any, *, include_collapsed: bool = False) -> Comparison | N
     """Collect each judge's outcomes from an :class:`~prefalign.eval.report.Analysis`; None
     when no row carries an external judge. Pairs with a collapsed answer are left out
     unless ``include_collapsed``."""
-    from .report import REFERENCES, both_cut_by_length, win_outcome
+    from .stats import REFERENCES, both_cut_by_length, win_outcome
 
     external = _external_names(a.rows, a.config)
     if not external:
@@ -125,7 +125,7 @@ def compare_judges(a: Any, *, include_collapsed: bool = False) -> Comparison | N
 
 
 def _rate_cell(values: list[float], clusters: list[Any], seed: int = 0) -> str:
-    from .report import bootstrap_ci
+    from .stats import bootstrap_ci
 
     if not values:
         return "–"
@@ -134,7 +134,7 @@ def _rate_cell(values: list[float], clusters: list[Any], seed: int = 0) -> str:
 
 
 def per_judge_win_table(c: Comparison, variants: Sequence[str], reference: str) -> list[str]:
-    from .report import _table
+    from .stats import _table
 
     header = ["method", *[f"`{j}`" for j in c.judges]]
     body = []
@@ -151,7 +151,7 @@ def per_judge_win_table(c: Comparison, variants: Sequence[str], reference: str) 
 
 def agreement_table(c: Comparison) -> list[str]:
     """Each pair of judges: pairs both decided, share agreeing on the outcome, and ρ."""
-    from .report import _table
+    from .stats import _table
 
     header = ["judge A", "judge B", "pairs", "same outcome", "same winner (no ties)", "Spearman ρ (answers)"]
     body = []
@@ -184,7 +184,7 @@ def agreement_table(c: Comparison) -> list[str]:
 
 
 def judges_table(c: Comparison, config: dict[str, Any]) -> list[str]:
-    from .report import _table
+    from .stats import _table
 
     info = config.get("judges") or {}
     body = []
@@ -213,7 +213,7 @@ def judges_table(c: Comparison, config: dict[str, Any]) -> list[str]:
 
 def judge_sections(a: Any) -> list[str]:
     """Markdown lines of the judge comparison (empty when only the proxy judged)."""
-    from .report import REFERENCES
+    from .stats import REFERENCES
 
     c = compare_judges(a)
     if c is None:

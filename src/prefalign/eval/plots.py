@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .report import Analysis
+if TYPE_CHECKING:  # annotations only: the report imports this module to draw its plots
+    from .report import Analysis
 
 _ARROW = {1: "↑", -1: "↓"}
 

@@ -49,14 +49,12 @@ from typing import Any, Literal
 
 from ..errors import PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method, method_class
-from ..prompts import PRESETS, parse_preferences
+from ..prompts import PRESETS, parse_preferences, split_preference_values
 from .datasets import Dataset, load_datasets
+from .results import CONFIG_FILE, REPORT_FILE, RESULTS_FILE, _load_config, read_results
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
-CONFIG_FILE = "config.json"
-REPORT_FILE = "report.md"
 _LOCK_FILE = ".lock"
 
 #: Packages whose versions config.json records.
@@ -184,24 +182,19 @@ def expand_methods(methods: Sequence[str], sweeps: Sequence[str] = ()) -> list[M
 def expand_preferences(values: Iterable[str]) -> list[str]:
     """Preference arguments → preference names/texts.
 
-    Each value is split on commas when every part is a single word (preset names such
-    as ``concise,formal``); otherwise the whole value is one free-text preference.
-    ``amulet:*``, ``psoups:*`` and ``pad:*`` stand for all presets of that paper.
+    Split by :func:`prefalign.prompts.split_preference_values` (comma-separated preset
+    names, or one free-text preference per value); ``amulet:*``, ``psoups:*`` and ``pad:*`` stand for all presets of that paper.
     """
     out: list[str] = []
-    for value in values:
-        parts = [p.strip() for p in value.split(",")]
-        if not all(parts) or any(" " in p for p in parts):
-            parts = [value.strip()]
-        for part in parts:
-            if part.endswith(":*"):
-                family = part[:-2].lower()
-                names = [k for k in PRESETS if k.split(":")[0] == family]
-                if not names:
-                    raise PrefalignError(f"no presets for {part!r}; families: amulet, psoups, pad", field="preferences")
-                out.extend(names)
-            elif part:
-                out.append(part)
+    for part in split_preference_values(values):  # the rule every command's -p follows
+        if part.endswith(":*"):
+            family = part[:-2].lower()
+            names = [k for k in PRESETS if k.split(":")[0] == family]
+            if not names:
+                raise PrefalignError(f"no presets for {part!r}; families: amulet, psoups, pad", field="preferences")
+            out.extend(names)
+        else:
+            out.append(part)
     if not out:
         raise PrefalignError("no preferences given (e.g. --preferences concise,formal)", field="preferences")
     if len(set(out)) != len(out):
@@ -548,30 +541,6 @@ class BatchExecutor:
 # --- Results directory ---------------------------------------------------------------
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``results.jsonl`` file (a directory is read as ``DIR/results.jsonl``).
-
-    A last line cut short by a hard kill is ignored; other unreadable lines are
-    skipped with a warning.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / RESULTS_FILE
-    if not p.is_file():
-        return []
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if line.endswith("\n"):
-                    log.warning("%s:%d is not a JSON row; skipped", p, lineno)
-    return rows
-
-
 def _repair_tail(path: Path) -> None:
     """Cut a partial last line (a write killed midway) so that appends start cleanly."""
     if not path.is_file() or path.stat().st_size == 0:
@@ -621,15 +590,6 @@ def package_versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _load_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PrefalignError(f"{path} is not valid JSON ({exc.msg}); fix or remove it", field="out") from exc
 
 
 def _write_json(path: Path, data: Any) -> None:

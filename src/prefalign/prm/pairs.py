@@ -24,6 +24,7 @@ evaluation file are dropped as well).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrefalignError
+from .config import DEFAULT_PREFERENCES, PairsConfig  # noqa: F401 (re-exported: the settings of a run)
 
 log = logging.getLogger(__name__)
 
-#: The six (+1) preferences of the shipped PRM. ``pleasant`` and ``friendly`` share the
-#: sentiment judge; make-pairs alternates between them prompt by prompt.
-DEFAULT_PREFERENCES: tuple[str, ...] = ("concise", "verbose", "elementary", "expert", "pleasant", "formal")
+#: ``pleasant`` and ``friendly`` share the sentiment judge; make-pairs alternates between
+#: them prompt by prompt.
 ALTERNATES: dict[str, str] = {"pleasant": "friendly"}
 
 #: Training sources (file under the data dir, JSON key of the prompt) and the number of
@@ -293,30 +294,20 @@ def synthesize_pairs(
     aligner: Any,
     prompts: Sequence[PromptRow],
     output: Path,
+    config: PairsConfig | None = None,
     *,
-    preferences: Sequence[str] = DEFAULT_PREFERENCES,
-    base_samples: int = 2,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    max_new_tokens: int = 96,
-    prompts_per_batch: int = 4,
-    seed: int = 0,
-    min_margins: dict[str, float] | None = None,
-    margin_scale: float = 1.0,
     collapse: CollapseFilter | None = None,
     judge_factory: Callable[[str], Any] = default_judge,
-    alternates: dict[str, str] | None = None,
-    resume: bool = True,
     progress: Callable[[int], None] | None = None,
-    time_budget_s: float | None = None,
-    chosen_max_repetition: float | None = 0.1,
-    on_policy: str | None = None,
-    on_policy_params: dict[str, Any] | None = None,
-    on_policy_pairs: bool = False,
-    greedy_pref: bool = False,
-    template: str = "pad",
+    **settings: Any,
 ) -> PairStats:
-    """Sample answer pools and append judged pairs to ``output`` (JSONL).
+    """Sample answer pools and append judged pairs to ``output`` (JSONL), per ``config``.
+
+    ``settings`` are :class:`PairsConfig` fields, given instead of a config (or over it):
+    ``synthesize_pairs(aligner, prompts, out, preferences=("concise",), max_new_tokens=12)``.
+    ``collapse`` (default :class:`CollapseFilter`) and ``judge_factory`` (preference →
+    judge) are the objects that decide which answers may pair and how they rank;
+    ``progress`` is called with the number of prompts of each finished batch.
 
     ``chosen_max_repetition``: a chosen answer may repeat at most this share of its word
     4-grams (stricter than the pool's collapse filter, which only drops loops).
@@ -346,121 +337,35 @@ def synthesize_pairs(
 
     Resumable: prompts already processed are listed in ``<output>.done`` and skipped
     (rows are appended and flushed per batch, so an interruption loses at most one batch).
+
+    The steps of a batch: :func:`_batch_requests` (what to decode), :func:`_collect_pools`
+    (decode, drop collapsed answers, log the pools) and :func:`_write_pairs` (judge each
+    preference's pool and write its rows).
     """
-    if not preferences:
-        raise PrefalignError("give at least one preference", field="preferences")
-    if (on_policy_params or on_policy_pairs) and not on_policy:
-        raise PrefalignError("on_policy_params and on_policy_pairs need an on_policy method (e.g. 'pad')", field="on_policy")
-    on_policy_params = dict(on_policy_params or {})
-    alternates = ALTERNATES if alternates is None else alternates
-    collapse = collapse or CollapseFilter()
-    margins = {**DEFAULT_MIN_MARGINS, **(min_margins or {})}
-    names = list(dict.fromkeys([*preferences, *(alternates.get(p) for p in preferences if alternates.get(p))]))
-    judges = {p: judge_factory(p) for p in names}
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done_path = output.with_name(output.name + ".done")
-    pools_path = output.with_name(output.name + ".pools.jsonl")
-    done = _done_ids(done_path) if resume else set()
-    if not resume:
-        output.write_text("", encoding="utf-8")
-        done_path.write_text("", encoding="utf-8")
-        pools_path.write_text("", encoding="utf-8")
-    todo = [p for p in prompts if p.prompt_id not in done]
+    if config is None:
+        config = PairsConfig(**settings)
+    elif settings:
+        config = dataclasses.replace(config, **settings)
+    run = _PairsRun.start(config, output, collapse, judge_factory)
+    todo = [p for p in prompts if p.prompt_id not in run.done]
     stats = PairStats(prompts_done=len(prompts) - len(todo))
     start = time.monotonic()
     with (
-        output.open("a", encoding="utf-8") as out,
-        done_path.open("a", encoding="utf-8") as done_file,
-        pools_path.open("a", encoding="utf-8") as pools_file,
+        run.output.open("a", encoding="utf-8") as out,
+        run.done_path.open("a", encoding="utf-8") as done_file,
+        run.pools_path.open("a", encoding="utf-8") as pools_file,
     ):
-        for b in range(0, len(todo), prompts_per_batch):
-            if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+        for b in range(0, len(todo), config.prompts_per_batch):
+            if config.time_budget_s is not None and time.monotonic() - start > config.time_budget_s:
                 log.info("time budget reached after %d prompts", stats.prompts_done)
                 break
-            batch = todo[b : b + prompts_per_batch]
-            requests, meta = [], []
-            names = [_preference_names(row, preferences, alternates, seed) for row in batch]
+            batch = todo[b : b + config.prompts_per_batch]
+            names = [_preference_names(row, config.preferences, run.alternates, config.seed) for row in batch]
+            requests, meta = _batch_requests(aligner, config, batch, names)
+            pools, collapsed = _collect_pools(run, batch, meta, aligner.engine.generate(requests), stats, pools_file)
             for row_index, row in enumerate(batch):
-                # Sampled answers: one per preference, then base_samples without one (slot = seed index).
-                sampled = [(name, "pref", name) for name in names[row_index]] + [(None, "base", "base")] * base_samples
-                for slot, (preference, method, source) in enumerate(sampled):
-                    s = _seed_for(seed, row.prompt_id, slot)
-                    requests.append(
-                        aligner.build_request(
-                            row.text, preference, method, template=template, temperature=temperature,
-                            top_p=top_p, seed=s, max_new_tokens=max_new_tokens,
-                        )
-                    )
-                    meta.append((row_index, source, s))
-                if on_policy:
-                    for name in names[row_index]:
-                        requests.append(aligner.build_request(row.text, name, on_policy, max_new_tokens=max_new_tokens, **on_policy_params))
-                        meta.append((row_index, f"{on_policy}:{name}", -1))
-                if greedy_pref:
-                    for name in names[row_index]:
-                        requests.append(aligner.build_request(row.text, name, "pref", max_new_tokens=max_new_tokens))
-                        meta.append((row_index, f"pref-greedy:{name}", -1))
-            results = aligner.engine.generate(requests)
-            pools: list[list[Candidate]] = [[] for _ in batch]
-            collapsed: list[dict[str, Candidate]] = [{} for _ in batch]  # on-policy answers that collapsed, per preference
-            for (row_index, source, s), res in zip(meta, results):
-                stats.samples += 1
-                stats.tokens += res.usage.completion_tokens
-                reason = collapse.reason(res.text)
-                candidate = Candidate(res.text.strip(), res.finish_reason, source, s)
-                pools_file.write(json.dumps({
-                    "prompt_id": batch[row_index].prompt_id, "source": source, "seed": s, "text": candidate.text,
-                    "finish_reason": res.finish_reason, "collapsed": reason,
-                }, ensure_ascii=False) + "\n")
-                if reason:
-                    stats.rejected_collapse[reason] = stats.rejected_collapse.get(reason, 0) + 1
-                    if on_policy and source.startswith(on_policy + ":"):
-                        collapsed[row_index][source.split(":", 1)[1]] = candidate
-                    continue
-                pools[row_index].append(candidate)
-            for row_index, row in enumerate(batch):
-                pool = pools[row_index]
                 for name in names[row_index]:
-                    judge = judges[name]
-                    min_words = JUDGE_MIN_WORDS.get(judge.name, 0)
-                    candidates = [c for c in pool if len(_words(c.text)) >= min_words]
-                    scores = (
-                        judge.score_many([c.text for c in candidates], prompts=[row.text] * len(candidates))
-                        if candidates else []
-                    )
-                    margin = margins.get(judge.name, FALLBACK_MIN_MARGIN) * margin_scale
-                    can_choose = [
-                        chosen_max_repetition is None or repetition_rate(c.text, 4) <= chosen_max_repetition
-                        for c in candidates
-                    ]
-                    picked = pick_pair(candidates, scores, judge.direction, margin, can_choose)
-                    if picked is None:
-                        stats.no_margin[name] = stats.no_margin.get(name, 0) + 1
-                    else:
-                        c, r = picked
-                        out.write(json.dumps(_pair_record(name, row, judge, candidates[c], candidates[r], scores[c], scores[r]), ensure_ascii=False) + "\n")
-                        stats.rows += 1
-                        stats.per_preference[name] = stats.per_preference.get(name, 0) + 1
-                    if on_policy_pairs:
-                        own = next((i for i, c in enumerate(candidates) if c.source == f"{on_policy}:{name}"), None)
-                        best = best_candidate(scores, judge.direction, can_choose) if own is not None else None
-                        already = picked is not None and picked[1] == own
-                        if best is not None and not already and judge.direction * (scores[best] - scores[own]) >= margin:
-                            record = _pair_record(name, row, judge, candidates[best], candidates[own], scores[best], scores[own])
-                            record["pair"] = "on-policy"
-                            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                            stats.rows += 1
-                            key = f"{name}/on-policy"
-                            stats.per_preference[key] = stats.per_preference.get(key, 0) + 1
-                    loop = collapsed[row_index].get(name)
-                    best = best_candidate(scores, judge.direction, can_choose) if loop is not None else None
-                    if best is not None:
-                        record = _pair_record(name, row, judge, candidates[best], loop, scores[best], None)
-                        record["judge"] = "collapse"
-                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        stats.rows += 1
-                        stats.per_preference[f"{name}/collapse"] = stats.per_preference.get(f"{name}/collapse", 0) + 1
+                    _write_pairs(run, row, name, pools[row_index], collapsed[row_index].get(name), stats, out)
                 done_file.write(row.prompt_id + "\n")
                 stats.prompts_done += 1
             out.flush()
@@ -470,6 +375,143 @@ def synthesize_pairs(
                 progress(len(batch))
     stats.seconds = time.monotonic() - start
     return stats
+
+
+@dataclass
+class _PairsRun:
+    """One :func:`synthesize_pairs` call's settings, judges and files."""
+
+    config: PairsConfig
+    collapse: CollapseFilter
+    alternates: dict[str, str]
+    margins: dict[str, float]
+    judges: dict[str, Any]
+    output: Path
+    done_path: Path
+    pools_path: Path
+    done: set[str]
+
+    @classmethod
+    def start(cls, config: PairsConfig, output: Path, collapse: CollapseFilter | None,
+              judge_factory: Callable[[str], Any]) -> _PairsRun:
+        """Build every preference's judge and open the run's files (emptied unless resuming)."""
+        alternates = ALTERNATES if config.alternates is None else config.alternates
+        names = list(dict.fromkeys([*config.preferences, *(alternates.get(p) for p in config.preferences if alternates.get(p))]))
+        judges = {p: judge_factory(p) for p in names}
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        done_path = output.with_name(output.name + ".done")
+        pools_path = output.with_name(output.name + ".pools.jsonl")
+        done = _done_ids(done_path) if config.resume else set()
+        if not config.resume:
+            output.write_text("", encoding="utf-8")
+            done_path.write_text("", encoding="utf-8")
+            pools_path.write_text("", encoding="utf-8")
+        return cls(
+            config=config, collapse=collapse or CollapseFilter(), alternates=alternates,
+            margins={**DEFAULT_MIN_MARGINS, **(config.min_margins or {})}, judges=judges,
+            output=output, done_path=done_path, pools_path=pools_path, done=done,
+        )
+
+
+def _batch_requests(
+    aligner: Any, config: PairsConfig, batch: Sequence[PromptRow], names: Sequence[Sequence[str]]
+) -> tuple[list[Any], list[tuple[int, str, int]]]:
+    """The engine requests of a batch and, per request, (row index, source, seed)."""
+    requests, meta = [], []
+    for row_index, row in enumerate(batch):
+        # Sampled answers: one per preference, then base_samples without one (slot = seed index).
+        sampled = [(name, "pref", name) for name in names[row_index]] + [(None, "base", "base")] * config.base_samples
+        for slot, (preference, method, source) in enumerate(sampled):
+            s = _seed_for(config.seed, row.prompt_id, slot)
+            requests.append(
+                aligner.build_request(
+                    row.text, preference, method, template=config.template, temperature=config.temperature,
+                    top_p=config.top_p, seed=s, max_new_tokens=config.max_new_tokens,
+                )
+            )
+            meta.append((row_index, source, s))
+        if config.on_policy:
+            for name in names[row_index]:
+                requests.append(aligner.build_request(
+                    row.text, name, config.on_policy, max_new_tokens=config.max_new_tokens, **config.on_policy_params,
+                ))
+                meta.append((row_index, f"{config.on_policy}:{name}", -1))
+        if config.greedy_pref:
+            for name in names[row_index]:
+                requests.append(aligner.build_request(row.text, name, "pref", max_new_tokens=config.max_new_tokens))
+                meta.append((row_index, f"pref-greedy:{name}", -1))
+    return requests, meta
+
+
+def _collect_pools(
+    run: _PairsRun, batch: Sequence[PromptRow], meta: Sequence[tuple[int, str, int]], results: Sequence[Any],
+    stats: PairStats, pools_file: Any,
+) -> tuple[list[list[Candidate]], list[dict[str, Candidate]]]:
+    """Each prompt's pool of clean answers, and its on-policy answers that collapsed (per
+    preference); every answer is logged to the pools file."""
+    on_policy = run.config.on_policy
+    pools: list[list[Candidate]] = [[] for _ in batch]
+    collapsed: list[dict[str, Candidate]] = [{} for _ in batch]
+    for (row_index, source, s), res in zip(meta, results):
+        stats.samples += 1
+        stats.tokens += res.usage.completion_tokens
+        reason = run.collapse.reason(res.text)
+        candidate = Candidate(res.text.strip(), res.finish_reason, source, s)
+        pools_file.write(json.dumps({
+            "prompt_id": batch[row_index].prompt_id, "source": source, "seed": s, "text": candidate.text,
+            "finish_reason": res.finish_reason, "collapsed": reason,
+        }, ensure_ascii=False) + "\n")
+        if reason:
+            stats.rejected_collapse[reason] = stats.rejected_collapse.get(reason, 0) + 1
+            if on_policy and source.startswith(on_policy + ":"):
+                collapsed[row_index][source.split(":", 1)[1]] = candidate
+            continue
+        pools[row_index].append(candidate)
+    return pools, collapsed
+
+
+def _write_pairs(
+    run: _PairsRun, row: PromptRow, name: str, pool: Sequence[Candidate], loop: Candidate | None,
+    stats: PairStats, out: Any,
+) -> None:
+    """Judge ``pool`` under preference ``name`` and write its rows: best vs worst, the
+    on-policy answer (``on_policy_pairs``) and the collapsed on-policy answer ``loop``."""
+    config = run.config
+    judge = run.judges[name]
+
+    def write(record: dict[str, Any], key: str) -> None:
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        stats.rows += 1
+        stats.per_preference[key] = stats.per_preference.get(key, 0) + 1
+
+    min_words = JUDGE_MIN_WORDS.get(judge.name, 0)
+    candidates = [c for c in pool if len(_words(c.text)) >= min_words]
+    scores = judge.score_many([c.text for c in candidates], prompts=[row.text] * len(candidates)) if candidates else []
+    margin = run.margins.get(judge.name, FALLBACK_MIN_MARGIN) * config.margin_scale
+    can_choose = [
+        config.chosen_max_repetition is None or repetition_rate(c.text, 4) <= config.chosen_max_repetition
+        for c in candidates
+    ]
+    picked = pick_pair(candidates, scores, judge.direction, margin, can_choose)
+    if picked is None:
+        stats.no_margin[name] = stats.no_margin.get(name, 0) + 1
+    else:
+        c, r = picked
+        write(_pair_record(name, row, judge, candidates[c], candidates[r], scores[c], scores[r]), name)
+    if config.on_policy_pairs:
+        own = next((i for i, c in enumerate(candidates) if c.source == f"{config.on_policy}:{name}"), None)
+        best = best_candidate(scores, judge.direction, can_choose) if own is not None else None
+        already = picked is not None and picked[1] == own
+        if best is not None and not already and judge.direction * (scores[best] - scores[own]) >= margin:
+            record = _pair_record(name, row, judge, candidates[best], candidates[own], scores[best], scores[own])
+            record["pair"] = "on-policy"
+            write(record, f"{name}/on-policy")
+    best = best_candidate(scores, judge.direction, can_choose) if loop is not None else None
+    if best is not None:
+        record = _pair_record(name, row, judge, candidates[best], loop, scores[best], None)
+        record["judge"] = "collapse"
+        write(record, f"{name}/collapse")
 
 
 def _pair_record(

@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ..compat import cache_kwargs
 from ..errors import PrefalignError
+from .config import TrainConfig  # re-exported: prefalign.prm.train.TrainConfig
 from .data import (
     PairExample,
     encode_pairs,
@@ -61,64 +62,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 REFERENCE_NAME = "reference_logps.pt"
-
-
-@dataclass
-class TrainConfig:
-    data: Path | str
-    output: Path | str
-    model: str = "embedded"
-    beta: float = 0.1
-    lr: float = 5e-4
-    #: The Linear(d, d) layer's learning rate is ``lr * linear_lr_scale``: Adam moves every
-    #: one of its d² entries by about the learning rate per step, and near the identity
-    #: that changes every logit, so it learns more slowly than the LoRA matrices.
-    linear_lr_scale: float = 0.1
-    epochs: float = 1.0
-    batch_size: int = 4
-    micro_batch: int = 1
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: list[str] | None = None
-    #: Put all pairs of a prompt in one optimiser step (see ``_plan``).
-    group_by_prompt: bool = True
-    #: Adapt only the top N decoder blocks (None = all): training cost falls roughly
-    #: in proportion, since lower blocks need no backward pass.
-    lora_top_layers: int | None = None
-    #: Measure the untrained PRM on the held-out pairs. Off by default: it *is* the
-    #: reference (bit-identical, tested), so every margin is 0 and accuracy 0.5.
-    measure_before: bool = False
-    held_out: float = 0.1
-    max_prompt_tokens: int = 160
-    max_answer_tokens: int = 96
-    bf16: bool = True
-    checkpoint_dir: Path | str | None = None
-    checkpoint_every: int = 10
-    resume: bool = False
-    time_budget_s: float | None = None
-    seed: int = 0
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_dtype: str = "float16"
-    progress: bool = True
-    command: str | None = None
-    #: Stop after this many optimiser steps in this call (tests of resume); None = run to the end.
-    stop_after_steps: int | None = None
-    #: Start from this trained PRM (its LoRA layout replaces lora_r/lora_alpha/
-    #: target_modules/lora_top_layers) instead of an untrained one: a further round of
-    #: training on new pairs. The reference stays the policy, so the PRM's reward keeps
-    #: its meaning (log π_PRM − log π_policy); the held-out "before" is then measured.
-    init_from: Path | str | None = None
-    #: Prompt template the pairs are rendered in (the PRM reads the preference through
-    #: it; recorded in prm_config.json). PAD's paper: the ``pad`` guideline template.
-    template: str = "pad"
-
-    def checkpoint_path(self) -> Path:
-        if self.checkpoint_dir:
-            return Path(self.checkpoint_dir)
-        out = Path(self.output)
-        return out.with_name(out.name + "-checkpoints")
 
 
 # --- log-probabilities ---------------------------------------------------------------
@@ -408,6 +351,77 @@ class _Interrupt:
 # --- the loop ------------------------------------------------------------------------
 
 
+@dataclass
+class _Run:
+    """What one :func:`train` call works on: the data, the model and optimiser, and the
+    progress a checkpoint saves (``step``, ``history``, ``before``, ``train_seconds``)."""
+
+    config: TrainConfig
+    started: float
+    policy: Any
+    tokenizer: Any
+    pad_id: int
+    rows: list[dict[str, Any]]
+    examples: list[PairExample]
+    dropped: Any
+    train_set: list[PairExample]
+    eval_set: list[PairExample]
+    digest: str
+    preferences: list[str]
+    prm: PersonalizedRewardModel | None = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    plan: list[list[int]] = field(default_factory=list)
+    steps_per_epoch: int = 0
+    warmup: int = 1
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    before: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+    refs: dict[int, tuple[float, float]] | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.config.checkpoint_path()
+
+    @property
+    def ckpt_file(self) -> Path:
+        return self.ckpt_dir / CHECKPOINT_NAME
+
+    @property
+    def ref_file(self) -> Path:
+        return self.ckpt_dir / REFERENCE_NAME
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+    def evaluate(self, examples: Sequence[PairExample]) -> dict[str, Any]:
+        c = self.config
+        assert self.prm is not None and self.refs is not None
+        return evaluate(self.prm, examples, self.refs, beta=c.beta, pad_id=self.pad_id, bf16=c.bf16, micro_batch=c.micro_batch)
+
+    def save_checkpoint(self) -> None:
+        assert self.prm is not None
+        _atomic_save(
+            {
+                "step": self.step,
+                "digest": self.digest,
+                "trainable": _trainable_state(self.prm),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": self.history,
+                "before": self.before,
+                "train_seconds": self.train_seconds,
+                "lora_layout": lora_layout(self.prm),
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
+            },
+            self.ckpt_file,
+        )
+
+
 def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Train a PRM per ``config``; saves it to ``config.output`` and returns the report.
 
@@ -415,16 +429,53 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
     is loaded. The report has ``status`` ``"done"``, ``"time_budget"`` (stopped early,
     still evaluated and saved), ``"stopped"`` (``stop_after_steps``; checkpoint only)
     or ``"interrupted"`` (Ctrl-C/SIGTERM; checkpoint only — rerun with ``--resume``).
+
+    The steps: check the config, load the policy and the pairs (:func:`_prepare`), build
+    the PRM and its optimiser (:func:`_build`), resume a checkpoint (:func:`_resume`),
+    compute the reference log-probs (:func:`_reference`), run the DPO steps
+    (:func:`_run_steps`), then evaluate and save (:func:`_finish`).
     """
-    from tqdm import tqdm
-
-    from ..models import load_model, prepare_tokenizer, tokenizer_fingerprint
-
     started = time.monotonic()
+    _check_config(config)
+    run = _prepare(config, policy, tokenizer, started)
+    _build(run)
+    if config.resume:
+        _resume(run)
+    report = _data_report(run)
+    log.info("pairs: %s", report["data"])
+    with _Interrupt():
+        try:
+            _reference(run)
+            budget_hit, stopped = _run_steps(run)
+        except KeyboardInterrupt:
+            saved = run.refs is not None
+            if saved:
+                run.save_checkpoint()
+            report.update(status="interrupted", step=run.step, checkpoint=str(run.ckpt_file) if saved else None)
+            where = f"checkpoint saved to {run.ckpt_file}" if saved else "nothing to save yet"
+            print(f"\ninterrupted at step {run.step}; {where}; rerun with --resume", file=sys.stderr)
+            return report
+    report["steps"] = {
+        "done": run.step, "total": run.total_steps, "per_epoch": run.steps_per_epoch,
+        "epochs_done": round(sum(len(b) for b in run.plan[: run.step]) / len(run.train_set), 3),
+    }
+    if stopped:
+        report.update(status="stopped", checkpoint=str(run.ckpt_file))
+        return report
+    return _finish(run, report, budget_hit)
+
+
+def _check_config(config: TrainConfig) -> None:
     if config.batch_size < 1 or config.micro_batch < 1:
         raise PrefalignError("batch_size and micro_batch must be ≥ 1", field="batch_size")
     if config.beta <= 0:
         raise PrefalignError(f"beta must be > 0, got {config.beta}", field="beta")
+
+
+def _prepare(config: TrainConfig, policy: Any, tokenizer: Any, started: float) -> _Run:
+    """Seed, load the policy (unless given) and encode and split the pairs."""
+    from ..models import load_model, prepare_tokenizer
+
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if policy is None:
@@ -433,39 +484,47 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
         raise PrefalignError("pass the policy's tokenizer with the policy", field="tokenizer")
     prepare_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     rows = load_pair_rows(config.data)
     examples, dropped = encode_pairs(
         rows, tokenizer, template=config.template,
         max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
     )
     train_set, eval_set = split_pairs(examples, config.held_out, config.seed)
-    digest = examples_digest(examples)
-    preferences = sorted({e.preference for e in examples})
+    return _Run(
+        config=config, started=started, policy=policy, tokenizer=tokenizer, pad_id=pad_id, rows=rows,
+        examples=examples, dropped=dropped, train_set=train_set, eval_set=eval_set,
+        digest=examples_digest(examples), preferences=sorted({e.preference for e in examples}),
+    )
 
+
+def _build(run: _Run) -> None:
+    """The PRM (untrained, or ``init_from``), AdamW, the step plan and the LR schedule."""
+    config = run.config
     if config.init_from:
         from .io import load_prm_for_training
 
-        prm = load_prm_for_training(config.init_from, policy, tokenizer)
+        prm = load_prm_for_training(config.init_from, run.policy, run.tokenizer)
     else:
         prm = build_prm(
-            policy, lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-            layers=_top_layers(policy, config.lora_top_layers),
+            run.policy, lora_r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+            layers=_top_layers(run.policy, config.lora_top_layers),
         )
-    params = prm.trainable_parameters()
+    run.prm = prm
+    run.params = prm.trainable_parameters()
     linear_params = [prm.linear.weight]
-    other_params = [p for p in params if p is not prm.linear.weight]
-    optimizer = torch.optim.AdamW(
+    other_params = [p for p in run.params if p is not prm.linear.weight]
+    run.optimizer = torch.optim.AdamW(
         [
             {"params": other_params, "lr": config.lr},
             {"params": linear_params, "lr": config.lr * config.linear_lr_scale},
         ],
         weight_decay=config.weight_decay,
     )
-    plan = _plan(train_set, config.batch_size, config.epochs, config.seed, config.group_by_prompt)
-    steps_per_epoch = len(_plan(train_set, config.batch_size, 1, config.seed, config.group_by_prompt))
-    total_steps = len(plan)
+    run.plan = _plan(run.train_set, config.batch_size, config.epochs, config.seed, config.group_by_prompt)
+    run.steps_per_epoch = len(_plan(run.train_set, config.batch_size, 1, config.seed, config.group_by_prompt))
+    total_steps = run.total_steps
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, min(10, total_steps // 10))
+    run.warmup = warmup
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10 %
         if step < warmup:
@@ -473,190 +532,185 @@ def train(config: TrainConfig, *, policy: Any = None, tokenizer: Any = None) -> 
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, schedule)
 
-    ckpt_dir = config.checkpoint_path()
-    ckpt_file = ckpt_dir / CHECKPOINT_NAME
-    ref_file = ckpt_dir / REFERENCE_NAME
-    step = 0
-    history: list[dict[str, Any]] = []
-    before: dict[str, Any] | None = None
-    train_seconds = 0.0
-    if config.resume:
-        if not ckpt_file.is_file():
-            raise PrefalignError(f"--resume: no checkpoint at {ckpt_file}", field="resume")
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-        if ckpt.get("digest") != digest:
-            raise PrefalignError(
-                f"--resume: the checkpoint at {ckpt_file} was made for other data or tokenisation "
-                f"(digest {ckpt.get('digest')} vs {digest})",
-                field="resume",
-            )
-        _load_trainable_state(prm, ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        step = int(ckpt["step"])
-        history = list(ckpt.get("history", []))
-        before = ckpt.get("before")
-        train_seconds = float(ckpt.get("train_seconds", 0.0))
-        log.info("resumed at step %d/%d", step, total_steps)
 
-    def save_checkpoint() -> None:
-        _atomic_save(
-            {
-                "step": step,
-                "digest": digest,
-                "trainable": _trainable_state(prm),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "before": before,
-                "train_seconds": train_seconds,
-                "lora_layout": lora_layout(prm),
-                "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-            },
-            ckpt_file,
+def _resume(run: _Run) -> None:
+    """Load the checkpoint's weights, optimiser, schedule, RNG and progress (same data only)."""
+    ckpt_file = run.ckpt_file
+    if not ckpt_file.is_file():
+        raise PrefalignError(f"--resume: no checkpoint at {ckpt_file}", field="resume")
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    if ckpt.get("digest") != run.digest:
+        raise PrefalignError(
+            f"--resume: the checkpoint at {ckpt_file} was made for other data or tokenisation "
+            f"(digest {ckpt.get('digest')} vs {run.digest})",
+            field="resume",
         )
+    assert run.prm is not None
+    _load_trainable_state(run.prm, ckpt["trainable"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    run.step = int(ckpt["step"])
+    run.history = list(ckpt.get("history", []))
+    run.before = ckpt.get("before")
+    run.train_seconds = float(ckpt.get("train_seconds", 0.0))
+    log.info("resumed at step %d/%d", run.step, run.total_steps)
 
-    report: dict[str, Any] = {
+
+def _data_report(run: _Run) -> dict[str, Any]:
+    """The report as training starts: what the pairs are and how they were split."""
+    examples, train_set, eval_set = run.examples, run.train_set, run.eval_set
+    return {
         "status": "running",
         "data": {
-            "file": str(config.data),
-            "rows": len(rows),
+            "file": str(run.config.data),
+            "rows": len(run.rows),
             "pairs": len(examples),
-            "dropped": dropped,
+            "dropped": run.dropped,
             "train_pairs": len(train_set),
             "held_out_pairs": len(eval_set),
             "train_prompts": len({e.group for e in train_set}),
             "held_out_prompts": len({e.group for e in eval_set}),
-            "per_preference": {p: sum(e.preference == p for e in examples) for p in preferences},
+            "per_preference": {p: sum(e.preference == p for e in examples) for p in run.preferences},
             "mean_prompt_tokens": round(sum(len(e.prompt_ids) for e in examples) / len(examples), 1),
             "mean_answer_tokens": round(
                 sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples) / (2 * len(examples)), 1
             ),
         },
-        "digest": digest,
+        "digest": run.digest,
     }
-    log.info("pairs: %s", report["data"])
 
-    refs: dict[int, tuple[float, float]] | None = None
-    with _Interrupt():
-        try:
-            # Reference log-probs: computed once, cached beside the checkpoints.
-            if ref_file.is_file():
-                cached = torch.load(ref_file, map_location="cpu", weights_only=False)
-                if cached.get("digest") == digest and cached.get("bf16") == config.bf16:
-                    refs = cached["refs"]
-            if refs is None:
-                bar = tqdm(total=len(examples), desc="reference log-probs", unit="pair", disable=not config.progress, file=sys.stderr)
-                refs = reference_logps(prm, examples, pad_id=pad_id, bf16=config.bf16, micro_batch=config.micro_batch, bar=bar)
-                bar.close()
-                _atomic_save({"digest": digest, "bf16": config.bf16, "refs": refs}, ref_file)
-            if before is None:
-                if config.measure_before or config.init_from:
-                    before = evaluate(
-                        prm, eval_set, refs, beta=config.beta, pad_id=pad_id, bf16=config.bf16, micro_batch=config.micro_batch
-                    )
-                else:
-                    before = {**_summarise([(e.preference, 0.0) for e in eval_set], math.log(2)), "derived": True}
-                save_checkpoint()
 
-            prm.train()
-            bar = tqdm(total=total_steps, initial=step, desc="DPO", unit="step", disable=not config.progress, file=sys.stderr)
-            budget_hit = False
-            stopped = False
-            for steps_this_call, indices in enumerate(plan[step:]):  # a resumed run skips what it already did
-                if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
-                    budget_hit = True
-                    break
-                if config.stop_after_steps is not None and steps_this_call >= config.stop_after_steps:
-                    stopped = True
-                    break
-                t0 = time.monotonic()
-                optimizer.zero_grad(set_to_none=True)
-                batch = [train_set[i] for i in indices]
-                loss_sum, margins = 0.0, []
-                for j in range(0, len(batch), config.micro_batch):
-                    chunk = batch[j : j + config.micro_batch]
-                    c, r = pair_logps(prm, chunk, pad_id=pad_id, bf16=config.bf16)
-                    rc = torch.tensor([refs[e.index][0] for e in chunk], device=c.device)
-                    rr = torch.tensor([refs[e.index][1] for e in chunk], device=c.device)
-                    loss, r_c, r_r = dpo_loss(c, r, rc, rr, config.beta)
-                    (loss * len(chunk) / len(batch)).backward()
-                    loss_sum += loss.item() * len(chunk)
-                    margins.extend((r_c - r_r).tolist())
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                train_seconds += time.monotonic() - t0
-                entry = {
-                    "step": step,
-                    "loss": round(loss_sum / len(batch), 4),
-                    "accuracy": round(sum(m > 0 for m in margins) / len(margins), 3),
-                    "margin": round(sum(margins) / len(margins), 4),
-                    "lr": scheduler.get_last_lr()[0],
-                }
-                history.append(entry)
-                bar.update(1)
-                bar.set_postfix(loss=entry["loss"], acc=entry["accuracy"], margin=entry["margin"])
-                if step % config.checkpoint_every == 0:
-                    save_checkpoint()
-            bar.close()
-            prm.eval()
-            save_checkpoint()
-        except KeyboardInterrupt:
-            saved = refs is not None
-            if saved:
-                save_checkpoint()
-            report.update(status="interrupted", step=step, checkpoint=str(ckpt_file) if saved else None)
-            where = f"checkpoint saved to {ckpt_file}" if saved else "nothing to save yet"
-            print(f"\ninterrupted at step {step}; {where}; rerun with --resume", file=sys.stderr)
-            return report
+def _reference(run: _Run) -> None:
+    """Reference log-probs (computed once, cached beside the checkpoints) and the held-out "before"."""
+    from tqdm import tqdm
 
-    report["steps"] = {"done": step, "total": total_steps, "per_epoch": steps_per_epoch, "epochs_done": round(sum(len(b) for b in plan[:step]) / len(train_set), 3)}
-    if stopped:
-        report.update(status="stopped", checkpoint=str(ckpt_file))
-        return report
-    after = evaluate(prm, eval_set, refs, beta=config.beta, pad_id=pad_id, bf16=config.bf16, micro_batch=config.micro_batch)
-    train_after = evaluate(
-        prm, train_set[: min(len(train_set), 32)], refs, beta=config.beta, pad_id=pad_id, bf16=config.bf16, micro_batch=config.micro_batch
-    )
+    config = run.config
+    assert run.prm is not None
+    if run.ref_file.is_file():
+        cached = torch.load(run.ref_file, map_location="cpu", weights_only=False)
+        if cached.get("digest") == run.digest and cached.get("bf16") == config.bf16:
+            run.refs = cached["refs"]
+    if run.refs is None:
+        bar = tqdm(total=len(run.examples), desc="reference log-probs", unit="pair", disable=not config.progress, file=sys.stderr)
+        run.refs = reference_logps(run.prm, run.examples, pad_id=run.pad_id, bf16=config.bf16, micro_batch=config.micro_batch, bar=bar)
+        bar.close()
+        _atomic_save({"digest": run.digest, "bf16": config.bf16, "refs": run.refs}, run.ref_file)
+    if run.before is None:
+        if config.measure_before or config.init_from:
+            run.before = run.evaluate(run.eval_set)
+        else:
+            run.before = {**_summarise([(e.preference, 0.0) for e in run.eval_set], math.log(2)), "derived": True}
+        run.save_checkpoint()
+
+
+def _run_steps(run: _Run) -> tuple[bool, bool]:
+    """The DPO steps still to do; returns (time budget hit, stopped by ``stop_after_steps``)."""
+    from tqdm import tqdm
+
+    config = run.config
+    assert run.prm is not None
+    run.prm.train()
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="DPO", unit="step", disable=not config.progress, file=sys.stderr)
+    budget_hit = False
+    stopped = False
+    for steps_this_call, indices in enumerate(run.plan[run.step :]):  # a resumed run skips what it already did
+        if config.time_budget_s is not None and time.monotonic() - run.started > config.time_budget_s:
+            budget_hit = True
+            break
+        if config.stop_after_steps is not None and steps_this_call >= config.stop_after_steps:
+            stopped = True
+            break
+        entry = _train_step(run, [run.train_set[i] for i in indices])
+        run.history.append(entry)
+        bar.update(1)
+        bar.set_postfix(loss=entry["loss"], acc=entry["accuracy"], margin=entry["margin"])
+        if run.step % config.checkpoint_every == 0:
+            run.save_checkpoint()
+    bar.close()
+    run.prm.eval()
+    run.save_checkpoint()
+    return budget_hit, stopped
+
+
+def _train_step(run: _Run, batch: list[PairExample]) -> dict[str, Any]:
+    """One optimiser step over ``batch`` (in micro-batches); returns its history entry."""
+    config = run.config
+    assert run.prm is not None and run.refs is not None
+    t0 = time.monotonic()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum, margins = 0.0, []
+    for j in range(0, len(batch), config.micro_batch):
+        chunk = batch[j : j + config.micro_batch]
+        c, r = pair_logps(run.prm, chunk, pad_id=run.pad_id, bf16=config.bf16)
+        rc = torch.tensor([run.refs[e.index][0] for e in chunk], device=c.device)
+        rr = torch.tensor([run.refs[e.index][1] for e in chunk], device=c.device)
+        loss, r_c, r_r = dpo_loss(c, r, rc, rr, config.beta)
+        (loss * len(chunk) / len(batch)).backward()
+        loss_sum += loss.item() * len(chunk)
+        margins.extend((r_c - r_r).tolist())
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    run.train_seconds += time.monotonic() - t0
+    return {
+        "step": run.step,
+        "loss": round(loss_sum / len(batch), 4),
+        "accuracy": round(sum(m > 0 for m in margins) / len(margins), 3),
+        "margin": round(sum(margins) / len(margins), 4),
+        "lr": run.scheduler.get_last_lr()[0],
+    }
+
+
+#: The settings the report records as hyperparameters.
+_HYPERPARAMETERS = (
+    "beta", "lr", "linear_lr_scale", "lora_top_layers", "group_by_prompt", "epochs", "batch_size", "micro_batch",
+    "lora_r", "lora_alpha", "held_out", "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay",
+    "max_grad_norm", "init_from", "template",
+)
+
+
+def _finish(run: _Run, report: dict[str, Any], budget_hit: bool) -> dict[str, Any]:
+    """Evaluate the trained PRM, complete the report, save the PRM and the report."""
+    from ..models import tokenizer_fingerprint
+
+    config = run.config
+    assert run.prm is not None and run.refs is not None
+    after = run.evaluate(run.eval_set)
+    train_after = run.evaluate(run.train_set[: min(len(run.train_set), 32)])
     report.update(
         status="time_budget" if budget_hit else "done",
-        held_out_before=before,
+        held_out_before=run.before,
         held_out_after=after,
         train_subset_after=train_after,
-        policy_likelihood_baseline=likelihood_baseline(eval_set, refs),
+        policy_likelihood_baseline=likelihood_baseline(run.eval_set, run.refs),
         hyperparameters={
-            k: str(v) if isinstance(v, Path) else v
-            for k, v in asdict(config).items()
-            if k in ("beta", "lr", "linear_lr_scale", "lora_top_layers", "group_by_prompt", "epochs", "batch_size", "micro_batch", "lora_r", "lora_alpha", "held_out",
-                     "max_prompt_tokens", "max_answer_tokens", "bf16", "seed", "weight_decay", "max_grad_norm", "init_from", "template")
+            k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items() if k in _HYPERPARAMETERS
         },
-        warmup_steps=warmup,
-        trainable_parameters=sum(p.numel() for p in params),
-        train_seconds=round(train_seconds, 1),
-        seconds_per_step=round(train_seconds / max(1, step), 2),
-        wall_seconds_this_run=round(time.monotonic() - started, 1),
-        history_tail=history[-5:],
+        warmup_steps=run.warmup,
+        trainable_parameters=sum(p.numel() for p in run.params),
+        train_seconds=round(run.train_seconds, 1),
+        seconds_per_step=round(run.train_seconds / max(1, run.step), 2),
+        wall_seconds_this_run=round(time.monotonic() - run.started, 1),
+        history_tail=run.history[-5:],
         command=config.command,
         torch_threads=torch.get_num_threads(),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint=tokenizer_fingerprint(run.tokenizer),
     )
-    base_name = str(getattr(policy.config, "name_or_path", None) or config.model)
+    base_name = str(getattr(run.policy.config, "name_or_path", None) or config.model)
     if config.model == "embedded":
         base_name = "embedded:SmolLM2-135M-Instruct"
     from .io import save_prm
 
     save_prm(
-        prm, config.output, tokenizer, base_model_name=base_name, preferences=preferences,
+        run.prm, config.output, run.tokenizer, base_model_name=base_name, preferences=run.preferences,
         extra={"training": report}, dtype=config.save_dtype, template=config.template,
     )
-    (ckpt_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    (run.ckpt_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
     report["output"] = str(config.output)
     return report
 

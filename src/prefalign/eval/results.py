@@ -1,0 +1,53 @@
+"""A results directory's file names and readers, shared by the runner, the report and the judges.
+
+Kept below :mod:`~prefalign.eval.runner` (which re-exports them) so that the report
+can read a run without importing the runner that writes it (tests/test_imports.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrefalignError
+
+log = logging.getLogger("prefalign.eval.runner")
+
+RESULTS_FILE = "results.jsonl"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "report.md"
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``results.jsonl`` file (a directory is read as ``DIR/results.jsonl``).
+
+    A last line cut short by a hard kill is ignored; other unreadable lines are
+    skipped with a warning.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_FILE
+    if not p.is_file():
+        return []
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    log.warning("%s:%d is not a JSON row; skipped", p, lineno)
+    return rows
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PrefalignError(f"{path} is not valid JSON ({exc.msg}); fix or remove it", field="out") from exc

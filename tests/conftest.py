@@ -117,7 +117,7 @@ def exploding_method(name: str = "explodes") -> type:
         def roles(self, n):
             return [ContextRole(None)]
 
-        def combine(self, logprobs, weights):
+        def combine(self, scores):
             raise RuntimeError("value cannot be converted to type float without overflow")
 
     Explodes.name = name

@@ -252,8 +252,8 @@ def test_a_request_whose_scores_are_unusable_fails_alone(aligner):
         def roles(self, n):
             return [ContextRole(None)]
 
-        def combine(self, logprobs, weights):
-            return torch.full_like(logprobs[:, 0], float("nan"))
+        def combine(self, scores):
+            return torch.full_like(scores.base, float("nan"))
 
     good = aligner.build_request(PROMPTS[0], "concise", "amulet", max_new_tokens=5, ignore_eos=True)
     bad = aligner.build_request(PROMPTS[1], None, RulesEverythingOut(), max_new_tokens=5)

@@ -22,8 +22,8 @@ def test_amulet_coefficient_at_paper_defaults():
 @pytest.mark.parametrize("params", [dict(), dict(alpha=0.5, lam=1.0, eta=3.0, iterations=7), dict(alpha=4.0, iterations=1)])
 def test_closed_form_matches_literal_ftrl_loop(params):
     lp = _logprobs(4, 2)
-    closed = Amulet(kl_budget=0, **params).combine(lp, torch.ones(1, dtype=lp.dtype))
-    exact = Amulet(exact=True, kl_budget=0, **params).combine(lp, torch.ones(1, dtype=lp.dtype))
+    closed = Amulet(kl_budget=0, **params).score(lp, torch.ones(1, dtype=lp.dtype))
+    exact = Amulet(exact=True, kl_budget=0, **params).score(lp, torch.ones(1, dtype=lp.dtype))
     # Both are l_T up to a per-row constant: compare normalised distributions.
     assert torch.allclose(torch.log_softmax(closed, -1), torch.log_softmax(exact, -1), atol=1e-9)
     assert torch.equal(closed.argmax(-1), exact.argmax(-1))
@@ -31,8 +31,8 @@ def test_closed_form_matches_literal_ftrl_loop(params):
 
 def test_closed_form_matches_loop_in_float32_to_tolerance():
     lp = _logprobs(8, 2, v=4096, dtype=torch.float32)
-    closed = torch.log_softmax(Amulet(kl_budget=0).combine(lp, torch.ones(1)), -1)
-    exact = torch.log_softmax(Amulet(exact=True, kl_budget=0).combine(lp, torch.ones(1)), -1)
+    closed = torch.log_softmax(Amulet(kl_budget=0).score(lp, torch.ones(1)), -1)
+    exact = torch.log_softmax(Amulet(exact=True, kl_budget=0).score(lp, torch.ones(1)), -1)
     assert (closed - exact).abs().max() < 1e-3
     assert torch.equal(closed.argmax(-1), exact.argmax(-1))
 
@@ -53,9 +53,9 @@ def test_ftrl_loop_follows_the_stated_recursion_step_by_step():
 def test_linear_alignment_formula_and_plausibility():
     lp = _logprobs(3, 2)
     b, p = lp[:, 0], lp[:, 1]
-    out = LinearAlignment(ratio=2.0, kl_budget=0).combine(lp, torch.ones(1, dtype=lp.dtype))
+    out = LinearAlignment(ratio=2.0, kl_budget=0).score(lp, torch.ones(1, dtype=lp.dtype))
     assert torch.allclose(out, p + 2.0 * (p - b))
-    masked = LinearAlignment(ratio=2.0, plausibility=0.1, kl_budget=0).combine(lp, torch.ones(1, dtype=lp.dtype))
+    masked = LinearAlignment(ratio=2.0, plausibility=0.1, kl_budget=0).score(lp, torch.ones(1, dtype=lp.dtype))
     keep = p >= p.max(-1, keepdim=True).values + torch.log(torch.tensor(0.1, dtype=lp.dtype))
     assert torch.equal(torch.isfinite(masked), keep)
     assert torch.allclose(masked[keep], out[keep])
@@ -67,14 +67,14 @@ def test_several_preferences_combine_as_weighted_mean_of_aligned_scores():
     c = Amulet().coefficient
     b, pa, pb = lp[:, 0], lp[:, 1], lp[:, 2]
     expected = (3 * (pa + c * (pa - b)) + 1 * (pb + c * (pb - b))) / 4
-    assert torch.allclose(Amulet(kl_budget=0).combine(lp, w), expected)
-    la = LinearAlignment(ratio=1.5, kl_budget=0).combine(lp, w)
+    assert torch.allclose(Amulet(kl_budget=0).score(lp, w), expected)
+    la = LinearAlignment(ratio=1.5, kl_budget=0).score(lp, w)
     assert torch.allclose(la, (3 * (pa + 1.5 * (pa - b)) + (pb + 1.5 * (pb - b))) / 4)
-    pref = make_method("pref").combine(lp[:, 1:], w)
+    pref = make_method("pref").score(lp[:, 1:], w)
     assert torch.allclose(pref, (3 * pa + pb) / 4)
     # The same preference twice equals it once, whatever the weights.
     twice = torch.stack([b, pa, pa], dim=1)
-    assert torch.allclose(Amulet().combine(twice, w), Amulet().combine(lp[:, :2], w[:1]))
+    assert torch.allclose(Amulet().score(twice, w), Amulet().score(lp[:, :2], w[:1]))
 
 
 def test_roles():

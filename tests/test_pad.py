@@ -10,7 +10,7 @@ import torch
 
 from prefalign import Aligner
 from prefalign.errors import PrefalignError
-from prefalign.methods import PRM, Pad, make_method
+from prefalign.methods import PARAM_ALIASES, PRM, Pad, make_method
 from prefalign.methods.pad import pad_scores
 from prefalign.prompts import PAD_GUIDELINE_TEMPLATE
 from prefalign.reference import reference_generate
@@ -61,8 +61,8 @@ def test_combine_by_hand_one_preference():
     prm_logits = torch.tensor([[4.0, 1.0, 9.0, 0.0, 2.0, 7.0]])  # likes 2 and 5, which are off the top-3
     policy = torch.log_softmax(policy_logits, -1)
     prm = torch.log_softmax(prm_logits, -1)
-    method = Pad(w=0.5, k=3, min_p=0.0)
-    scores = method.combine(torch.stack([policy, prm], dim=1), torch.tensor([1.0]))
+    method = Pad(w=0.5, k=3, plausibility=0.0)
+    scores = method.score(torch.stack([policy, prm], dim=1), torch.tensor([1.0]))
 
     cand = [1, 4, 0]
     r = [a - b for a, b in zip(_lsm([prm_logits[0, c].item() for c in cand]), _lsm([policy_logits[0, c].item() for c in cand]))]
@@ -76,14 +76,14 @@ def test_combine_by_hand_one_preference():
     assert scores[0, 2] == NEG and scores[0, 5] == NEG and scores[0, 3] == NEG
     # By hand: r(1) = lsm_prm(1) − lsm_pol(1); the PRM prefers 0 (logit 4) among the candidates.
     assert scores[0].argmax().item() == 1  # w=0.5 is not enough to overturn the policy's margin of 3
-    assert Pad(w=3.0, k=3, min_p=0.0).combine(torch.stack([policy, prm], dim=1), torch.tensor([1.0]))[0].argmax().item() == 0
+    assert Pad(w=3.0, k=3, plausibility=0.0).score(torch.stack([policy, prm], dim=1), torch.tensor([1.0]))[0].argmax().item() == 0
 
 
 def test_combine_equals_paper_rule_on_raw_logits():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
     prm_logits = torch.randn(4, 50) * 3
-    ours = Pad(w=0.8, k=10, min_p=0.0).combine(
+    ours = Pad(w=0.8, k=10, plausibility=0.0).score(
         torch.stack([torch.log_softmax(logits, -1), torch.log_softmax(prm_logits, -1)], dim=1), torch.tensor([1.0])
     )
     # The official code: new_scores = w·(lsm(rm[topk]) − lsm(base[topk])) + base_logits[topk].
@@ -104,10 +104,10 @@ def test_combine_zero_weight_and_identical_prm():
     other = torch.log_softmax(torch.randn(3, 30), -1)
     top = lp.topk(10, -1)
     # w = 0: the policy restricted to its top-k, whatever the PRM says.
-    zero = Pad(w=0.0, min_p=0.0).combine(torch.stack([lp, other], 1), torch.tensor([1.0]))
+    zero = Pad(w=0.0, plausibility=0.0).score(torch.stack([lp, other], 1), torch.tensor([1.0]))
     assert torch.equal(zero.gather(-1, top.indices), top.values)
     # PRM == policy: reward exactly zero, scores exactly the policy's on the candidates.
-    same = Pad(w=1.5, min_p=0.0).combine(torch.stack([lp, lp], 1), torch.tensor([1.0]))
+    same = Pad(w=1.5, plausibility=0.0).score(torch.stack([lp, lp], 1), torch.tensor([1.0]))
     assert torch.equal(same.gather(-1, top.indices), top.values)
     assert torch.equal(same.argmax(-1), lp.argmax(-1))
 
@@ -118,7 +118,7 @@ def test_combine_several_preferences_weighted_sum_of_rewards():
     b = torch.log_softmax(torch.randn(n, 2, v) * 2, -1)  # policy under preferences 0 and 1
     m = torch.log_softmax(torch.randn(n, 2, v) * 2, -1)  # PRM under preferences 0 and 1
     weights = torch.tensor([1.0, 3.0])
-    scores = Pad(w=w, k=k, min_p=0.0).combine(torch.cat([b, m], dim=1), weights)  # roles: [b_0, b_1, m_0, m_1]
+    scores = Pad(w=w, k=k, plausibility=0.0).score(torch.cat([b, m], dim=1), weights)  # roles: [b_0, b_1, m_0, m_1]
 
     share = weights / weights.sum()
     base = share[0] * b[:, 0] + share[1] * b[:, 1]  # the policy's score: weighted mean, as in `pref`
@@ -131,13 +131,13 @@ def test_combine_several_preferences_weighted_sum_of_rewards():
         expected[cand] = base[row, cand] + w * reward
         assert torch.allclose(scores[row], expected, atol=1e-5)
     # Weights scale together: (1, 3) and (2, 6) give the same scores.
-    assert torch.allclose(scores, Pad(w=w, k=k, min_p=0.0).combine(torch.cat([b, m], 1), weights * 2), atol=1e-6)
+    assert torch.allclose(scores, Pad(w=w, k=k, plausibility=0.0).score(torch.cat([b, m], 1), weights * 2), atol=1e-6)
 
 
 def test_combine_policy_minus_inf_candidates_stay_minus_inf():
     lp = torch.log_softmax(torch.tensor([[3.0, 1.0, NEG, NEG, NEG]]), -1)
     prm = torch.log_softmax(torch.tensor([[0.0, 2.0, 5.0, 1.0, 1.0]]), -1)
-    scores = Pad(w=1.0, k=4, min_p=0.0).combine(torch.stack([lp, prm], 1), torch.tensor([1.0]))
+    scores = Pad(w=1.0, k=4, plausibility=0.0).score(torch.stack([lp, prm], 1), torch.tensor([1.0]))
     assert not torch.isnan(scores).any()
     assert scores[0, 2:].tolist() == [NEG] * 3
     assert torch.isfinite(scores[0, :2]).all()
@@ -149,15 +149,15 @@ def test_pad_scores_k_larger_than_vocab():
     assert torch.allclose(out, lp)
 
 
-def test_min_p_drops_implausible_candidates_by_hand():
+def test_plausibility_drops_implausible_candidates_by_hand():
     # Policy probabilities over V=5: 0.5, 0.3, 0.1, 0.06, 0.04; the PRM loves token 4.
     policy = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
     prm = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0, 8.0]]), -1)
     stacked, one = torch.stack([policy, prm], 1), torch.tensor([1.0])
-    plain = Pad(w=2.0, k=5, min_p=0.0).combine(stacked, one)
+    plain = Pad(w=2.0, k=5, plausibility=0.0).score(stacked, one)
     assert plain[0].argmax().item() == 4  # the paper's rule: any top-k candidate may win
-    # min_p = 0.15: candidates need probability ≥ 0.15 · 0.5 = 0.075 → tokens 0, 1, 2.
-    floored = Pad(w=2.0, k=5, min_p=0.15).combine(stacked, one)
+    # plausibility = 0.15: candidates need probability ≥ 0.15 · 0.5 = 0.075 → tokens 0, 1, 2.
+    floored = Pad(w=2.0, k=5, plausibility=0.15).score(stacked, one)
     assert floored[0, 3:].tolist() == [NEG, NEG]
     # Kept candidates keep their scores exactly (rewards are normalised over all top-k).
     assert torch.equal(floored[0, :3], plain[0, :3])
@@ -165,12 +165,12 @@ def test_min_p_drops_implausible_candidates_by_hand():
     assert floored[0].argmax().item() == 2
     # Several preferences: the floor applies to the weighted policy score.
     two = torch.cat([policy, policy, prm, prm], 0)[None]
-    assert torch.equal(Pad(w=2.0, k=5, min_p=0.15).combine(two, torch.tensor([1.0, 3.0])), floored)
+    assert torch.equal(Pad(w=2.0, k=5, plausibility=0.15).score(two, torch.tensor([1.0, 3.0])), floored)
 
 
-def test_min_p_near_one_is_greedy_policy(pad_aligner):
+def test_plausibility_near_one_is_greedy_policy(pad_aligner):
     """Only the policy's favourite survives the floor: PAD decodes what ``pref`` decodes."""
-    pad = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12, w=5.0, min_p=0.999)
+    pad = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12, w=5.0, plausibility=0.999)
     pref = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pref", template="pad", max_new_tokens=12)
     assert [r.token_ids for r in pad] == [r.token_ids for r in pref]
     plain = pad_aligner.generate(PROMPTS, preference="pad:humor", method="pad", max_new_tokens=12, w=5.0)
@@ -178,11 +178,17 @@ def test_min_p_near_one_is_greedy_policy(pad_aligner):
 
 
 def test_parameters_aliases_and_validation():
-    assert make_method("pad") == Pad(w=1.6, k=10, min_p=0.2)  # tuned for the shipped PRM (docs/prm.md)
+    assert make_method("pad") == Pad(w=1.6, k=10, plausibility=0.2)  # tuned for the shipped PRM (docs/prm.md)
     assert make_method("pad", rm_weight=1.5, topk=5) == Pad(w=1.5, k=5)
     assert make_method("pad", w=1) == Pad(w=1.0)
-    assert make_method("pad", min_p=0.1) == Pad(min_p=0.1)
-    for bad in ({"k": 0}, {"k": 2.5}, {"w": -0.1}, {"w": float("nan")}, {"min_p": 1.0}, {"min_p": -0.1}, {"candidate_template": "chatml"}):
+    # min_p, PAD's old name of the plausibility rule it shares with la and amulet, still works.
+    assert make_method("pad", min_p=0.1) == make_method("pad", plausibility=0.1) == Pad(plausibility=0.1)
+    assert Pad.aliases["min_p"] == "plausibility" and PARAM_ALIASES["min_p"] == "plausibility"
+    with pytest.raises(PrefalignError, match="plausibility must be"):
+        make_method("pad", min_p=1.0)
+    with pytest.raises(PrefalignError, match="no parameter 'min_p'"):
+        make_method("la", min_p=0.1)  # the alias is PAD's; la always called it plausibility
+    for bad in ({"k": 0}, {"k": 2.5}, {"w": -0.1}, {"w": float("nan")}, {"plausibility": 1.0}, {"plausibility": -0.1}, {"candidate_template": "chatml"}):
         with pytest.raises(PrefalignError) as info:
             make_method("pad", **bad)
         assert info.value.field in bad
@@ -543,7 +549,7 @@ def test_cli_pad_with_a_prm_path_and_w(tiny_llama, tokenizer, tmp_path):
     al.load_prm(path)
     expected = al.generate("Hi there", preference="pad:humor", method="pad", max_new_tokens=8, w=1.2, min_p=0.05)[0]
     assert data["token_ids"] == expected.token_ids
-    assert data["params"] == {"w": 1.2, "k": 10, "min_p": 0.05, "candidate_template": None}
+    assert data["params"] == {"w": 1.2, "k": 10, "plausibility": 0.05, "candidate_template": None}
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and "--prm" in missing.output
 

@@ -68,17 +68,17 @@ def test_full_strength_when_the_budget_does_not_bind():
     # and then the methods give the papers' scores
     w = torch.ones(1, dtype=lp.dtype)
     # the papers' rules keep their own arithmetic (la: p + r(p − b), amulet: a lerp): equal to rounding
-    assert torch.allclose(LinearAlignment(kl_budget=0.05).combine(lp, w), LinearAlignment(kl_budget=0).combine(lp, w), rtol=0, atol=1e-12)
+    assert torch.allclose(LinearAlignment(kl_budget=0.05).score(lp, w), LinearAlignment(kl_budget=0).score(lp, w), rtol=0, atol=1e-12)
     assert (_kl(contrast(p, b, Amulet().coefficient), p) < 0.5).all()
-    assert torch.allclose(Amulet(kl_budget=0.5).combine(lp, w), Amulet(kl_budget=0).combine(lp, w), rtol=0, atol=1e-12)
+    assert torch.allclose(Amulet(kl_budget=0.5).score(lp, w), Amulet(kl_budget=0).score(lp, w), rtol=0, atol=1e-12)
 
 
 def test_rows_are_independent_of_their_batch():
     lp = _logprobs(6, 3, seed=2, dtype=torch.float32)
     w = torch.tensor([2.0, 1.0])
     for method in (Amulet(kl_budget=0.3), LinearAlignment(kl_budget=0.3), Amulet(kl_budget=0.3, exact=True)):
-        together = method.combine(lp, w)
-        alone = torch.cat([method.combine(lp[i : i + 1], w) for i in range(6)])
+        together = method.score(lp, w)
+        alone = torch.cat([method.score(lp[i : i + 1], w) for i in range(6)])
         assert torch.equal(together, alone)
 
 
@@ -87,12 +87,12 @@ def test_safeguard_off_is_the_papers_rule_exactly():
     b, pa, pb = lp[:, 0], lp[:, 1], lp[:, 2]
     w = torch.tensor([3.0, 1.0], dtype=lp.dtype)
     assert torch.equal(
-        LinearAlignment(ratio=1.5, kl_budget=0).combine(lp, w),
+        LinearAlignment(ratio=1.5, kl_budget=0).score(lp, w),
         (3 * (pa + 1.5 * (pa - b)) + (pb + 1.5 * (pb - b))) / 4,
     )
     c = Amulet().coefficient
     expected = (3 * torch.lerp(b, pa, 1 + c) + torch.lerp(b, pb, 1 + c)) / 4
-    assert torch.equal(Amulet(kl_budget=0).combine(lp, w), expected)
+    assert torch.equal(Amulet(kl_budget=0).score(lp, w), expected)
 
 
 def test_safeguard_lowers_the_kl_of_each_method():
@@ -100,23 +100,23 @@ def test_safeguard_lowers_the_kl_of_each_method():
     w = torch.ones(1, dtype=lp.dtype)
     p = lp[:, 1]
     for paper, guarded in ((LinearAlignment(kl_budget=0), LinearAlignment(kl_budget=0.2)), (Amulet(kl_budget=0), Amulet(kl_budget=0.2))):
-        assert (_kl(paper.combine(lp, w), p) > 0.2).all()  # the paper's rule moves far on these rows
-        assert (_kl(guarded.combine(lp, w), p) <= 0.2 + 1e-9).all()
+        assert (_kl(paper.score(lp, w), p) > 0.2).all()  # the paper's rule moves far on these rows
+        assert (_kl(guarded.score(lp, w), p) <= 0.2 + 1e-9).all()
 
 
 def test_exact_loop_and_closed_form_agree_with_the_safeguard_on():
     lp = _logprobs(4, 2, seed=5)
     w = torch.ones(1, dtype=lp.dtype)
-    closed = torch.log_softmax(Amulet(kl_budget=0.3).combine(lp, w), -1)
-    exact = torch.log_softmax(Amulet(kl_budget=0.3, exact=True).combine(lp, w), -1)
+    closed = torch.log_softmax(Amulet(kl_budget=0.3).score(lp, w), -1)
+    exact = torch.log_softmax(Amulet(kl_budget=0.3, exact=True).score(lp, w), -1)
     assert torch.allclose(closed, exact, atol=1e-9)
 
 
 def test_safeguard_with_plausibility_masks_after_bounding():
     lp = _logprobs(3, 2, seed=6)
     w = torch.ones(1, dtype=lp.dtype)
-    both = LinearAlignment(kl_budget=0.3, plausibility=0.1).combine(lp, w)
-    kl_only = LinearAlignment(kl_budget=0.3).combine(lp, w)
+    both = LinearAlignment(kl_budget=0.3, plausibility=0.1).score(lp, w)
+    kl_only = LinearAlignment(kl_budget=0.3).score(lp, w)
     p = lp[:, 1]
     keep = p >= p.max(-1, keepdim=True).values + math.log(0.1)
     assert torch.equal(torch.isfinite(both), keep)
@@ -130,7 +130,7 @@ def test_banned_tokens_stay_banned_without_nan(budget):
     p[:, :5] = float("-inf")  # e.g. a transformers processor banned these in the preference context
     banned = torch.stack([lp[:, 0], torch.log_softmax(p, -1)], dim=1)
     for method in (LinearAlignment(kl_budget=budget), Amulet(kl_budget=budget)):
-        scores = method.combine(banned, torch.ones(1, dtype=lp.dtype))
+        scores = method.score(banned, torch.ones(1, dtype=lp.dtype))
         assert not torch.isnan(scores).any()
         assert torch.isneginf(scores[:, :5]).all() and torch.isfinite(scores[:, 5:]).all()
     assert (kl_bounded_strength(banned[:, 1:], banned[:, :1], 4.6487, budget) >= 0).all()
@@ -183,18 +183,20 @@ def test_accepted_amulet_parameters_combine_to_finite_scores(params):
     method = Amulet(**params)
     assert method.coefficient <= MAX_STRENGTH
     lp = _logprobs(2, 2, dtype=torch.float32)
-    assert torch.isfinite(method.combine(lp, torch.ones(1))).all()
+    assert torch.isfinite(method.score(lp, torch.ones(1))).all()
 
 
 def test_largest_la_ratio_gives_finite_scores():
     lp = _logprobs(2, 2, dtype=torch.float32)
-    assert torch.isfinite(LinearAlignment(ratio=MAX_STRENGTH).combine(lp, torch.ones(1))).all()
+    assert torch.isfinite(LinearAlignment(ratio=MAX_STRENGTH).score(lp, torch.ones(1))).all()
 
 
 def test_safeguard_is_on_by_default_and_shown_in_the_parameters():
-    from prefalign.methods import method_parameters
+    import dataclasses
+
+    from prefalign.methods import method_class
 
     assert Amulet().kl_budget == 0.5 and LinearAlignment().kl_budget == 0.25  # docs/safeguard.md
     for name in ("amulet", "la"):
-        assert "kl_budget" in [f.name for f in method_parameters(name)]
+        assert "kl_budget" in [f.name for f in dataclasses.fields(method_class(name))]
         assert make_method(name, kl_budget=0).kl_budget == 0.0

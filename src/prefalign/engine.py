@@ -657,7 +657,7 @@ class Engine:
             idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
             blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
         stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
-        scores = method.combine(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
+        scores = method.score(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
         # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
         return scores.masked_fill(scores.isnan(), _NEG_INF)
 

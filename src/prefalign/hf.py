@@ -82,5 +82,5 @@ class PreferenceLogitsProcessor(LogitsProcessor):
         base = last_logprobs(self.model, ids.to(self.model.device), self.mask, positions, self.cache)
         pref = torch.log_softmax(scores.float(), dim=-1)
         vocab = min(base.shape[-1], pref.shape[-1])
-        combined = self.method.combine(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1))
+        combined = self.method.score(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1))
         return combined.to(scores.dtype)

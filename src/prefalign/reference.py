@@ -40,7 +40,7 @@ def reference_generate(models: dict[str, Any], requests: Sequence[GenerationRequ
         for row, i in enumerate(live):
             request = requests[i]
             weights = torch.tensor(request.weights, dtype=stacked.dtype)
-            token = int(request.method.combine(stacked[row : row + 1], weights).argmax(-1))
+            token = int(request.method.score(stacked[row : row + 1], weights).argmax(-1))
             if token in eos and not request.ignore_eos:
                 done[i] = True
                 continue

@@ -1,7 +1,9 @@
 """Decoding-time alignment methods, one small file each, and their registry.
 
 Add a method by subclassing :class:`Method` (a frozen dataclass of its parameters)
-and calling :func:`register`.
+and calling :func:`register`. A method declares what else the CLI and the server need:
+its parameters' other spellings (``aliases``) and the parameters a server caps
+(``cost_limits``).
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ from .amulet import Amulet, amulet_coefficient, ftrl_loop
 from .base import Base
 from .beam import Beam
 from .la import LinearAlignment
-from .method import POLICY, ContextRole, Method
-from .pad import PRM, Pad
+from .method import POLICY, PRM, ContextRole, ContextScores, Method, plausibility_mask
+from .pad import Pad
 from .pref import Pref
 
 METHODS: dict[str, type[Method]] = {}
 
-#: Spellings users reach for, mapped to the dataclass field names.
-PARAM_ALIASES = {"lambda": "lam", "T": "iterations", "t": "iterations", "r": "ratio", "num_beams": "width", "beam_width": "width", "rm_weight": "w", "topk": "k"}
+#: Spellings users reach for, mapped to the dataclass field names: the union of the
+#: registered methods' ``aliases`` (for the CLI's and eval's ``--param``/``--sweep``).
+PARAM_ALIASES: dict[str, str] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Make a method available by its ``name`` (usable as a class decorator)."""
     METHODS[cls.name] = cls
+    PARAM_ALIASES.update(cls.aliases)
     return cls
 
 
@@ -46,11 +50,6 @@ def method_class(name: str) -> type[Method]:
     )
 
 
-def method_parameters(name: str) -> list[dataclasses.Field]:
-    """The tunable parameters of a method (dataclass fields, with defaults)."""
-    return list(dataclasses.fields(method_class(name)))
-
-
 def make_method(name: str | Method, **params: Any) -> Method:
     """Build a method from its name and parameters, rejecting unknown parameters."""
     if isinstance(name, Method):
@@ -59,7 +58,7 @@ def make_method(name: str | Method, **params: Any) -> Method:
     known = {f.name: f for f in dataclasses.fields(cls)}
     clean: dict[str, Any] = {}
     for key, value in params.items():
-        field = PARAM_ALIASES.get(key, key)
+        field = cls.aliases.get(key, key)
         if field not in known:
             allowed = ", ".join(known) or "none"
             raise PrefalignError(
@@ -82,6 +81,7 @@ __all__ = [
     "Base",
     "Beam",
     "ContextRole",
+    "ContextScores",
     "LinearAlignment",
     "Method",
     "Pad",
@@ -90,6 +90,7 @@ __all__ = [
     "ftrl_loop",
     "make_method",
     "method_class",
-    "method_parameters",
+    "PARAM_ALIASES",
+    "plausibility_mask",
     "register",
 ]

@@ -30,8 +30,17 @@ from functools import lru_cache
 import torch
 
 from ..errors import PrefalignError
-from .la import plausibility_mask
-from .method import MAX_STRENGTH, ContextRole, Method, base_and_preferences, count, fraction, positive, weighted_mean
+from .method import (
+    MAX_STRENGTH,
+    ContextRole,
+    ContextScores,
+    Method,
+    base_and_preferences,
+    count,
+    fraction,
+    plausibility_mask,
+    positive,
+)
 from .safeguard import AMULET_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
 
 
@@ -121,6 +130,8 @@ class Amulet(Method):
         "(2/32 collapsed vs 28/32) but is about even with pref (14 of 32 wins) and shortens every answer "
         "(docs/safeguard.md)"
     )
+    aliases = {"lambda": "lam", "T": "iterations", "t": "iterations"}
+    cost_limits = {"iterations": 1000}
     alpha: float = 2.0
     lam: float = 2.0
     eta: float = 10.0
@@ -148,8 +159,8 @@ class Amulet(Method):
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return base_and_preferences(n_preferences)
 
-    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        base, prefs = logprobs[:, :1], logprobs[:, 1:]
+    def combine(self, scores: ContextScores) -> torch.Tensor:
+        base, prefs = scores.base[:, None], scores.preferences  # [n, 1, V], [n, P, V]
         c_t = self.coefficient
         strength = kl_bounded_strength(prefs, base, c_t, self.kl_budget) if self.kl_budget > 0 else None
         if self.exact:
@@ -161,5 +172,4 @@ class Amulet(Method):
             realigned = torch.lerp(base, prefs, 1.0 + c_t)  # b + (1+c)(p−b) = p + c(p−b)
         else:
             realigned = contrast(prefs, base, strength)
-        scores = weighted_mean(realigned, weights)
-        return plausibility_mask(scores, weighted_mean(prefs, weights), self.plausibility)
+        return plausibility_mask(scores.weighted(realigned), scores.weighted(prefs), self.plausibility)

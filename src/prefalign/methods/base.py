@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .method import ContextRole, Method
+from .method import ContextRole, ContextScores, Method
 
 
 @dataclass(frozen=True)
@@ -21,5 +21,5 @@ class Base(Method):
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return [ContextRole(None)]
 
-    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return logprobs[:, 0]
+    def combine(self, scores: ContextScores) -> torch.Tensor:
+        return scores.base

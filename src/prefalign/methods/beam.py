@@ -22,6 +22,8 @@ class Beam(Pref):
     name = "beam"
     summary = "beam search on the preference context (baseline)"
     helps = "a baseline of the Amulet paper; 16 rows per prompt, so slow"
+    aliases = {"num_beams": "width", "beam_width": "width"}
+    cost_limits = {"width": 16}
     width: int = 16
     length_penalty: float = 1.0
 
@@ -33,4 +35,9 @@ class Beam(Pref):
     @property
     def beam_width(self) -> int:
         return self.width
+
+    @property
+    def deterministic(self) -> bool:
+        # Beam search is deterministic; OpenAI's default temperature (1) would reject it.
+        return self.beam_width > 1
 

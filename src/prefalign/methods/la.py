@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .method import MAX_STRENGTH, ContextRole, Method, base_and_preferences, fraction, positive, weighted_mean
+from .method import (
+    MAX_STRENGTH,
+    ContextRole,
+    ContextScores,
+    Method,
+    base_and_preferences,
+    fraction,
+    plausibility_mask,
+    positive,
+)
 from .safeguard import LA_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
-
-
-def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep only tokens whose reference probability is ≥ ``threshold`` × the best one.
-
-    The adaptive plausibility constraint of contrastive decoding: amplifying
-    ``p − b`` can promote tokens neither context finds plausible; this removes them.
-    """
-    if threshold <= 0:
-        return scores
-    cutoff = reference.max(dim=-1, keepdim=True).values + math.log(threshold)
-    return scores.masked_fill(reference < cutoff, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +38,7 @@ class LinearAlignment(Method):
         "(2/32 collapsed vs 10/32) but is about even with pref (14 of 32 wins), shorter for every preference "
         "(docs/safeguard.md)"
     )
+    aliases = {"r": "ratio"}
     ratio: float = 2.0
     plausibility: float = 0.0
     kl_budget: float = LA_KL_BUDGET
@@ -54,11 +51,11 @@ class LinearAlignment(Method):
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return base_and_preferences(n_preferences)
 
-    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        base, prefs = logprobs[:, :1], logprobs[:, 1:]
+    def combine(self, scores: ContextScores) -> torch.Tensor:
+        base, prefs = scores.base[:, None], scores.preferences  # [n, 1, V], [n, P, V]
         if self.kl_budget > 0:
             strength = kl_bounded_strength(prefs, base, self.ratio, self.kl_budget)
-            aligned = weighted_mean(contrast(prefs, base, strength), weights)
+            aligned = scores.weighted(contrast(prefs, base, strength))
         else:  # the paper's formula, literally (its scores unchanged to the bit)
-            aligned = weighted_mean(prefs + self.ratio * (prefs - base), weights)
-        return plausibility_mask(aligned, weighted_mean(prefs, weights), self.plausibility)
+            aligned = scores.weighted(prefs + self.ratio * (prefs - base))
+        return plausibility_mask(aligned, scores.weighted(prefs), self.plausibility)

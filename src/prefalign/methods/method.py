@@ -4,13 +4,20 @@ A method says which *contexts* it needs (the chat without a preference, with one
 preference, shown to the policy or to a reward model) and how it *combines* their
 next-token log-probabilities into one score per vocabulary entry. It owns no loop:
 the engine runs every method.
+
+The engine stacks the contexts' log-probs in the order of :meth:`Method.roles` and calls
+:meth:`Method.score`, which names them (:class:`ContextScores`: ``.base``,
+``.preferences``, ``.reward``, ``.candidates``) before :meth:`Method.combine` reads them,
+so no method slices the stacked tensor by position.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +25,8 @@ import torch
 from ..errors import PrefalignError
 
 POLICY = "policy"
+#: Engine key of the personalised reward model (PAD's PRM).
+PRM = "prm"
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,97 @@ class ContextRole:
 
 
 @dataclass(frozen=True)
+class RoleLayout:
+    """Where each named input lies along the context axis of the stacked ``[n, K, V]`` log-probs.
+
+    ``base``: the index of the base context (no preference, the policy, the request's
+    template), or None. ``groups``: for each ``(model, template)`` the indices of its
+    per-preference contexts, in preference order, as a ``slice`` when they are
+    consecutive (the usual case: a view, no copy) or a tuple of indices otherwise.
+    """
+
+    n_contexts: int
+    base: int | None
+    groups: dict[tuple[str, str | None], slice | tuple[int, ...]]
+
+    @classmethod
+    def of(cls, roles: list[ContextRole]) -> RoleLayout:
+        base = None
+        found: dict[tuple[str, str | None], list[tuple[int, int]]] = {}
+        for index, role in enumerate(roles):
+            if role.preference is None:
+                if role.model == POLICY and role.template is None and base is None:
+                    base = index
+                continue
+            found.setdefault((role.model, role.template), []).append((role.preference, index))
+        groups: dict[tuple[str, str | None], slice | tuple[int, ...]] = {}
+        for key, pairs in found.items():
+            indices = tuple(index for _, index in sorted(pairs))
+            consecutive = indices == tuple(range(indices[0], indices[0] + len(indices)))
+            groups[key] = slice(indices[0], indices[-1] + 1) if consecutive else indices
+        return cls(len(roles), base, groups)
+
+
+@lru_cache(maxsize=1024)
+def _layout(method: Method, n_preferences: int) -> RoleLayout:
+    return RoleLayout.of(method.roles(n_preferences))
+
+
+@dataclass(frozen=True)
+class ContextScores:
+    """The contexts' next-token log-probs of one method call, by name instead of position.
+
+    Built by :meth:`Method.score` from the stacked ``logprobs`` (``[n, K, V]``, in the
+    order of :meth:`Method.roles`) and the preferences' ``weights`` (``[P]``). Every
+    accessor is a view of ``logprobs`` (no copy) when the roles are laid out as the
+    built-in methods lay them out.
+    """
+
+    logprobs: torch.Tensor
+    weights: torch.Tensor
+    layout: RoleLayout
+
+    @property
+    def n_preferences(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def base(self) -> torch.Tensor | None:
+        """``[n, V]``: the chat without a preference, read by the policy; None if not a role."""
+        return None if self.layout.base is None else self.logprobs[:, self.layout.base]
+
+    @property
+    def preferences(self) -> torch.Tensor:
+        """``[n, P, V]``: the policy reading each preference (the request's template)."""
+        return self.rows(POLICY)
+
+    @property
+    def reward(self) -> torch.Tensor:
+        """``[n, P, V]``: the reward model (:data:`PRM`) reading each preference."""
+        return self.rows(PRM)
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """``[n, P, V]``: the policy reading each preference through the method's own template
+        (PAD's ``candidate_template``)."""
+        templates = [t for (model, t) in self.layout.groups if model == POLICY and t is not None]
+        if len(templates) != 1:
+            raise LookupError(f"the method's roles have {len(templates)} policy templates of their own, not one")
+        return self.rows(POLICY, templates[0])
+
+    def rows(self, model: str = POLICY, template: str | None = None) -> torch.Tensor:
+        """``[n, P, V]``: the per-preference contexts read by ``model`` under ``template``."""
+        where = self.layout.groups.get((model, template))
+        if where is None:
+            raise LookupError(f"the method's roles have no per-preference context of model {model!r} with template {template!r}")
+        return self.logprobs[:, where] if isinstance(where, slice) else self.logprobs[:, list(where)]
+
+    def weighted(self, per_preference: torch.Tensor) -> torch.Tensor:
+        """Weighted mean over the preference axis with the request's weights: ``[n, P, V]`` → ``[n, V]``."""
+        return weighted_mean(per_preference, self.weights)
+
+
+@dataclass(frozen=True)
 class Method(ABC):
     """Base class of every method. Subclasses are frozen dataclasses of their parameters.
 
@@ -51,11 +151,21 @@ class Method(ABC):
     #: Where the method measurably helps, and by how much (from the docs' measurements, not
     #: hopes), for `prefalign methods` and the docs; empty when not measured.
     helps: ClassVar[str] = ""
+    #: Other spellings of the method's parameters, mapped to the field names (``{"lambda": "lam"}``).
+    aliases: ClassVar[dict[str, str]] = {}
+    #: Parameters that multiply the per-token cost, with the largest value a server accepts,
+    #: so that one request cannot stall the batch everyone shares.
+    cost_limits: ClassVar[dict[str, int]] = {}
 
     @property
     def beam_width(self) -> int:
         """Number of hypotheses the engine keeps per prompt (1: greedy or sampling)."""
         return 1
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the method cannot sample (beam search): the server then defaults to temperature 0."""
+        return False
 
     @property
     def extra_models(self) -> tuple[str, ...]:
@@ -64,16 +174,23 @@ class Method(ABC):
 
     @abstractmethod
     def roles(self, n_preferences: int) -> list[ContextRole]:
-        """The contexts to run, in the order :meth:`combine` receives them."""
+        """The contexts to run, in the order the engine stacks their log-probs."""
 
     @abstractmethod
-    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Combine per-context log-probs ``[n, K, V]`` into scores ``[n, V]``.
+    def combine(self, scores: ContextScores) -> torch.Tensor:
+        """Combine the named contexts' log-probs (:class:`ContextScores`) into scores ``[n, V]``.
 
-        ``weights`` (``[P]``, positive) are the preferences' weights, in the order of
-        the preferences. Scores may be unnormalised; the engine samples from their
+        ``scores.weights`` (``[P]``, positive) are the preferences' weights, in the order
+        of the preferences. Scores may be unnormalised; the engine samples from their
         softmax or takes their argmax.
         """
+
+    def score(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """What the engine calls: name the stacked log-probs ``[n, K, V]`` after :meth:`roles`, then :meth:`combine`."""
+        layout = _layout(self, int(weights.shape[0]))
+        if logprobs.shape[1] != layout.n_contexts:
+            raise ValueError(f"method {self.name!r} reads {layout.n_contexts} contexts, got {logprobs.shape[1]}")
+        return self.combine(ContextScores(logprobs, weights, layout))
 
     def primary_context(self, n_preferences: int) -> int:
         """Index of the context whose prompt the answer continues (for usage counts)."""
@@ -122,6 +239,20 @@ def weighted_mean(per_preference: torch.Tensor, weights: torch.Tensor) -> torch.
     if w.numel() == 1:
         return per_preference[:, 0]
     return torch.einsum("npv,p->nv", per_preference, w)
+
+
+def plausibility_mask(scores: torch.Tensor, reference: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep only tokens whose reference probability is ≥ ``threshold`` × the best one.
+
+    The adaptive plausibility constraint of contrastive decoding (Li et al. 2023;
+    transformers' ``min_p``): amplifying a contrast or adding a reward can promote tokens
+    the reference context finds implausible; this removes them. ``la``, ``amulet`` and
+    ``pad`` share it as their ``plausibility`` parameter (0 = off).
+    """
+    if threshold <= 0:
+        return scores
+    cutoff = reference.max(dim=-1, keepdim=True).values + math.log(threshold)
+    return scores.masked_fill(reference < cutoff, float("-inf"))
 
 
 def base_and_preferences(n_preferences: int) -> list[ContextRole]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .method import ContextRole, Method, weighted_mean
+from .method import ContextRole, ContextScores, Method
 
 
 @dataclass(frozen=True)
@@ -25,5 +25,5 @@ class Pref(Method):
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return [ContextRole(i) for i in range(n_preferences)]
 
-    def combine(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return weighted_mean(logprobs, weights)
+    def combine(self, scores: ContextScores) -> torch.Tensor:
+        return scores.weighted(scores.preferences)

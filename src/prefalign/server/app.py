@@ -57,9 +57,6 @@ log = logging.getLogger("prefalign.server")
 
 #: OpenAI's documented range.
 MAX_TEMPERATURE = 2.0
-#: Method parameters that multiply the per-token cost, with the server's upper bound,
-#: so that one request cannot stall the batch everyone shares.
-COST_LIMITS: dict[str, int] = {"iterations": 1000, "width": 16}
 #: Extra model names accepted in the ``model`` field besides the served id.
 MODEL_ALIASES = ("prefalign",)
 
@@ -225,7 +222,8 @@ class _Translator:
 
         def param_name(field: str | None) -> str | None:
             # The spelling the client used: "lambda" when it sent lambda (the field is lam).
-            sent = next((key for key in params if PARAM_ALIASES.get(key, key) == field), None)
+            aliases = method_cls.aliases if method_cls else PARAM_ALIASES
+            sent = next((key for key in params if aliases.get(key, key) == field), None)
             if sent is not None:
                 return f"alignment.{sent}"
             if field in ("method", "template") or field in method_fields or field in PARAM_ALIASES.values():
@@ -240,7 +238,8 @@ class _Translator:
 
         try:
             rule = make_method(method_name, **params)
-            for name, limit in COST_LIMITS.items():
+            # The method names what multiplies its per-token cost, and the server's cap on it.
+            for name, limit in type(rule).cost_limits.items():
                 value = getattr(rule, name, None)
                 if isinstance(value, int) and value > limit:
                     raise APIError(400, f"{name} is {value}; this server allows at most {limit}", param=f"alignment.{name}", code="invalid_value")
@@ -251,8 +250,8 @@ class _Translator:
                 )
             temperature = body.temperature
             if temperature is None:
-                # Beam search is deterministic; OpenAI's default temperature would reject it.
-                temperature = 0.0 if rule.beam_width > 1 else config.default_temperature
+                # A method that cannot sample (beam search): OpenAI's default temperature would reject it.
+                temperature = 0.0 if rule.deterministic else config.default_temperature
             if temperature > MAX_TEMPERATURE:
                 raise APIError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature", code="invalid_value")
             request = self.aligner.build_request(

@@ -57,6 +57,12 @@ class Method(ABC):
         """Number of hypotheses the engine keeps per prompt (1: greedy or sampling)."""
         return 1
 
+    def search(self) -> Any:
+        """The search strategy the engine decodes this method with (see
+        :mod:`prefalign.decoding`); None: the request's sampling settings decide (greedy
+        or sampling)."""
+        return None
+
     @property
     def extra_models(self) -> tuple[str, ...]:
         """Keys of models besides the policy that the method's contexts need."""

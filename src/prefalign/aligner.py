@@ -299,13 +299,12 @@ class Aligner:
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
         index = {r.request_id: i for i, r in enumerate(requests)}
-        # Engine.run cancels whatever is unfinished when the consumer stops early (break, Ctrl-C).
-        for delta in self.engine.run(requests):
-            usage = error = None
-            if delta.finish_reason is not None:
-                result = self.engine.pop_result(delta.request_id)
+        # The session cancels whatever is unfinished when the consumer stops early (break, Ctrl-C).
+        with self.engine.session(requests) as session:
+            for event in session:
+                delta, result = event.delta, event.result
                 usage, error = (result.usage, result.error) if result else (None, None)
-            yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage, error)
+                yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage, error)
 
 
 def _apply_fast_path(model: Any, mode: bool | str) -> Any:

@@ -1,31 +1,35 @@
 """The decoding engine: B prompts × K contexts per step, in one batched forward per model.
 
 Every method, the CLI, the server and the evaluation decode through :class:`Engine`.
+The engine decides which rows exist (requests × contexts × beam tracks) and runs the
+step loop (:meth:`Engine.step`); the rest lives beside it:
 
-One token's path (see docs/architecture.md):
+* KV state of one model's rows — :mod:`prefalign.runners` (``decode``, ``start_prefill``
+  / ``prefill_step``, ``join``, ``select``);
+* token choice — :mod:`prefalign.decoding`: greedy, sampling, beam search (a request's
+  *search strategy*: the method's ``search()``, else its sampling settings);
+* stop strings and streamable text — :mod:`prefalign.decoding.stopping`; usage counts —
+  :mod:`prefalign.usage`;
+* streaming (submit, read events, cancel what is left) — :meth:`Engine.session`,
+  :mod:`prefalign.streaming`.
 
-1. A :class:`GenerationRequest` brings the token ids of each context its method needs
-   (base, preference, ...) and which model reads each (the policy, or a reward model).
-2. New requests are *prefilled*: their contexts, left-padded together, run through
-   the model once with a fresh KV cache (position ids from the attention mask, so
-   padding never shifts positions); the new rows are then merged into the running
-   cache, left-padding whichever side is shorter.
-3. Each step feeds every running row its last token (one forward per model over all
-   rows), takes the last position's log-softmax, and gathers per request a
+One step (see docs/architecture.md):
+
+1. Queued requests form a *prefill group*: their contexts, left-padded together, run
+   through each model with a fresh KV cache (whole, or ``prefill_chunk`` tokens per
+   model forward per step while others are running); a complete group's rows join
+   the running rows.
+2. Every running row is fed its last token (one forward per model over all rows); the
+   last position's log-softmax of each row is gathered per request into a
    ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
    scores. Requests sharing a method and weights are combined in one call.
-4. Scores become tokens: argmax, sampling after temperature/top-k/top-p (transformers'
-   logits warpers) with a per-request generator, or a beam-search update.
-5. The chosen token is appended to all K contexts of its track; EOS, stop strings and
-   ``max_new_tokens`` end a request; finished rows leave the batch and beam tracks are
-   reordered — both by one row selection on the caches and masks.
+3. Each request's strategy turns its scores into tokens; the token is appended to all K
+   contexts of its track; EOS, stop strings and ``max_new_tokens`` end a request.
+4. Finished rows leave the batch and beam tracks follow their parents — one row
+   selection on every runner.
 
 Requests can join and leave between steps (continuous batching): :meth:`Engine.add`,
-:meth:`Engine.cancel`, :meth:`Engine.step`.
-
-Long prompts can be prefilled in chunks (``prefill_chunk`` tokens per model forward
-per step), interleaved with the decode steps of running requests, so that one long
-prompt does not stop everyone else's stream. A fault while preparing, combining or
+:meth:`Engine.cancel`, :meth:`Engine.step`. A fault while preparing, combining or
 sampling one group of requests fails those requests alone (``finish_reason="error"``,
 ``GenerationResult.error`` says why); every other request continues unchanged.
 """
@@ -36,88 +40,27 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .decoding import BeamSearch, BeamState, Greedy, SearchStrategy, StopStrings, make_generator, strategy_for
+from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams  # noqa: F401 - re-exported: they lived here
+from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
 from .methods import POLICY, Method
-from .runners import ModelRunner, Prefill, runner_for
+from .runners import ModelRunner, Prefill, pass_owners, runner_for
 from .runners.kv_cache import left_pad, positions_from_mask  # noqa: F401 - re-exported: they lived here before runners/
+from .streaming import Session
+from .usage import Usage
 
 _NEG_INF = float("-inf")
 log = logging.getLogger(__name__)
 
 
 # --- Public data types -------------------------------------------------------------
-
-
-#: The seeds ``torch.Generator.manual_seed`` accepts.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-#: Below this temperature decoding is greedy: scores / T overflow to inf, and the
-#: limit of sampling as T → 0 is the argmax anyway.
-GREEDY_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Every per-request decoding setting: how scores become tokens and when to stop.
-
-    ``temperature=0`` (or below 1e-5) means greedy (argmax); ``top_p``/``top_k`` (0 = off)
-    cut the sampled distribution; ``seed`` makes sampling reproducible whatever the batch;
-    ``max_new_tokens`` caps the answer; ``stop`` strings end it (the text is cut before
-    them); ``ignore_eos`` decodes past the end-of-sequence token.
-
-    Every field is checked here, once, with an error naming it; the API, the CLI, the
-    server and the evaluation all build this object (method parameters are checked by
-    the method objects, in the same way).
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        n = self.max_new_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {n!r}", field="max_new_tokens")
-        stop = self.stop
-        if isinstance(stop, str):
-            stop = (stop,)
-        if stop is None:
-            stop = ()
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
-            raise PrefalignError(f"stop must be a string or a list of strings, got {self.stop!r}", field="stop")
-        for text in stop:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise PrefalignError("stop contains text that is not valid Unicode (a lone surrogate?)", field="stop") from None
-        object.__setattr__(self, "stop", tuple(x for x in stop if x))
-        if not isinstance(self.ignore_eos, bool):
-            raise PrefalignError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", field="ignore_eos")
-        t = self.temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or t < 0 or math.isinf(t):
-            raise PrefalignError(f"temperature must be a finite number ≥ 0, got {t!r}", field="temperature")
-        p = self.top_p
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
-            raise PrefalignError(f"top_p must be in (0, 1], got {p!r}", field="top_p")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise PrefalignError(f"top_k must be an integer ≥ 0 (0 = off), got {self.top_k!r}", field="top_k")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed <= SEED_MAX
-        ):
-            raise PrefalignError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", field="seed")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -154,28 +97,10 @@ class GenerationRequest:
     def ignore_eos(self) -> bool:
         return self.sampling.ignore_eos
 
-
-@dataclass
-class Usage:
-    """Token and compute counts of one request."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    context_tokens: int = 0
-    forward_passes: int = 0
-
     @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-            "context_tokens": self.context_tokens,
-            "forward_passes": self.forward_passes,
-        }
+    def strategy(self) -> SearchStrategy:
+        """How its scores become tokens: the method's search (beam), else greedy or sampling."""
+        return strategy_for(self.method, self.sampling)
 
 
 @dataclass
@@ -225,11 +150,12 @@ class _Active:
     request: GenerationRequest
     tracks: list[_Track]
     usage: Usage
+    strategy: SearchStrategy
     generator: torch.Generator | None
     started: float
-    finished: list[tuple[float, list[int]]] = field(default_factory=list)  # beam: (normalised score, tokens)
+    stops: StopStrings
+    beam: BeamState | None = None  # beam search's finished hypotheses
     finish_reason: str | None = None
-    max_stop_len: int = 0
 
 
 @dataclass
@@ -352,7 +278,7 @@ class Engine:
     def _is_prefilling(self, request_id: str) -> bool:
         return any(a.request.request_id == request_id for g in self._prefilling for a in g.members)
 
-    def _known(self, request_id: str) -> bool:
+    def holds(self, request_id: str) -> bool:
         """Queued, prefilling or running (not finished, not dropped)."""
         return request_id in self._active or any(r.request_id == request_id for r in self._pending) or self._is_prefilling(request_id)
 
@@ -386,44 +312,32 @@ class Engine:
                 raise PrefalignError("a context has no tokens", field="prompt")
         if not isinstance(request.sampling, SamplingParams):
             raise PrefalignError("a request's sampling must be a SamplingParams", field="sampling")
-        if request.method.beam_width > 1 and not request.sampling.greedy:
-            raise PrefalignError("beam search is deterministic; use temperature 0 with method 'beam'", field="temperature")
+        request.strategy  # noqa: B018 - the strategy checks the sampling settings (beam: greedy only)
 
     # -- driving --------------------------------------------------------------------
 
-    def run(self, requests: Sequence[GenerationRequest]) -> Iterator[Delta]:
-        """Add ``requests`` and step until all of them finish, yielding deltas.
+    def session(self, requests: Sequence[GenerationRequest] = ()) -> Session:
+        """Submit ``requests`` (all validated before any is queued) and stream their events.
 
-        Every request is validated before any is queued. However the iteration ends (all
-        finished, the consumer stopped early, an exception), none of these requests is
-        left in the engine: unfinished ones are cancelled and the engine stays usable.
-        Results stay available through :meth:`pop_result` until popped.
+        ``with engine.session(requests) as session: for event in session: ...`` — each
+        event is a :class:`Delta` with, on a request's last one, its popped result.
+        However the block ends (all finished, ``break``, an exception), the requests
+        left unfinished are cancelled and the engine stays usable. See
+        :class:`~prefalign.streaming.Session` (the server keeps one open and adds to it).
         """
-        for request in requests:
-            self.validate(request)
-        wanted = [r.request_id for r in requests]
-        try:
-            for request in requests:
-                self._pending.append(request)
-            while any(self._known(rid) for rid in wanted):
-                yield from self.step()
-        finally:
-            for rid in wanted:
-                if self._known(rid):
-                    self.cancel(rid)
-            if self._cancelled:
-                with torch.inference_mode():
-                    self._drop_cancelled()
+        return Session(self, requests)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run ``requests`` to completion; results in the order given."""
-        try:
-            for _ in self.run(requests):
-                pass
-            return [self._results.pop(r.request_id) for r in requests]
-        finally:
-            for r in requests:
-                self._results.pop(r.request_id, None)
+        with self.session(requests) as session:
+            results = {event.request_id: event.result for event in session if event.result is not None}
+        return [results[r.request_id] for r in requests]
+
+    @torch.inference_mode()
+    def apply_cancellations(self) -> None:
+        """Let cancelled requests leave now (their rows, their runners' memory), not at the next step."""
+        if self._cancelled:
+            self._drop_cancelled()
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
@@ -438,40 +352,56 @@ class Engine:
         try:
             self._drop_cancelled()
             models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
-            owner = self._pass_owners(models)
+            owner = self._pass_owners(models)  # which model's forward computes each key's rows
             if self._pending:
                 self._prefilling.append(self._new_group([self._start(r) for r in self._pending], models, owner))
                 self._pending = []
             if not self._active and not self._prefilling:
                 return deltas
-            logprobs: dict[str, torch.Tensor] = {}
-            for key, model in models.items():
-                state = self._states.get(key)
-                if owner[key] == key and state is not None and state.rows:
-                    logprobs[key] = state.runner.decode()
-            for active in self._active.values():
-                active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
-            for group in self._advance_prefill(models, deltas):
-                for key, part in group.parts.items():
-                    state = self._state(key, models)
-                    state.runner.join(part.prefill)
-                    state.rows.extend(part.rows)
-                    assert part.logprobs is not None
-                    logprobs[key] = torch.cat([logprobs[key], part.logprobs]) if key in logprobs else part.logprobs
-                for active in group.members:
-                    self._active[active.request.request_id] = active
-            row_index = {key: {(id(a), t, k): i for i, (a, t, k) in enumerate(s.rows)} for key, s in self._states.items()}
-            for key, pass_key in owner.items():
-                if pass_key != key and pass_key in logprobs:
-                    logprobs[key], row_index[key] = logprobs[pass_key], row_index[pass_key]
-            self._choose_tokens(logprobs, row_index, deltas)
-            self._reorder_rows()
+            logprobs = self._decode(models, owner)  # running rows: one forward per model
+            self._prefill(models, logprobs, deltas)  # the next chunk; complete groups join the running rows
+            row_index = self._row_index(owner, logprobs)
+            self._choose_tokens(logprobs, row_index, deltas)  # method.combine, then each request's strategy
+            self._reorder_rows()  # finished rows leave, beams follow their parents
         except Exception:
             # The shared pass failed (or a bug): the caches' state is unknown, so no
-            # request may continue on them. Callers (the scheduler, run()) fail theirs.
+            # request may continue on them. Callers (the scheduler, sessions) fail theirs.
             self.reset()
             raise
         return deltas
+
+    def _decode(self, models: Mapping[str, Any], owner: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        """Each pass key's running rows' next-token log-probs ``[rows, V]`` (one forward per model)."""
+        logprobs: dict[str, torch.Tensor] = {}
+        for key in models:
+            state = self._states.get(key)
+            if owner[key] == key and state is not None and state.rows:
+                logprobs[key] = state.runner.decode()
+        for active in self._active.values():
+            active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
+        return logprobs
+
+    def _prefill(self, models: Mapping[str, Any], logprobs: dict[str, torch.Tensor], deltas: list[Delta]) -> None:
+        """Advance the prefills; a complete group's rows join the running rows, and their
+        last-position log-probs are appended to ``logprobs`` (its first tokens are chosen now)."""
+        for group in self._advance_prefill(models, deltas):
+            for key, part in group.parts.items():
+                state = self._state(key, models)
+                state.runner.join(part.prefill)
+                state.rows.extend(part.rows)
+                assert part.logprobs is not None
+                logprobs[key] = torch.cat([logprobs[key], part.logprobs]) if key in logprobs else part.logprobs
+            for active in group.members:
+                self._active[active.request.request_id] = active
+
+    def _row_index(self, owner: Mapping[str, str], logprobs: dict[str, torch.Tensor]) -> dict[str, dict[tuple[int, int, int], int]]:
+        """Per model key: (request, track, context) → row of ``logprobs[key]``. A key served by
+        another model's pass (fused PAD) reads that pass's rows."""
+        row_index = {key: {(id(a), t, k): i for i, (a, t, k) in enumerate(s.rows)} for key, s in self._states.items()}
+        for key, pass_key in owner.items():
+            if pass_key != key and pass_key in logprobs:
+                logprobs[key], row_index[key] = logprobs[pass_key], row_index[pass_key]
+        return row_index
 
     def _drop_cancelled(self) -> None:
         """Apply cancellations: running requests leave the batch, prefilling ones their group."""
@@ -554,22 +484,16 @@ class Engine:
     # -- model passes ---------------------------------------------------------------
 
     def _start(self, request: GenerationRequest) -> _Active:
-        n_ctx = len(request.contexts)
-        primary = request.primary if request.primary >= 0 else n_ctx - 1
-        usage = Usage(
-            prompt_tokens=len(request.contexts[primary][1]),
-            context_tokens=sum(len(ids) for _, ids in request.contexts),
-        )
-        generator = None
-        if request.sampling.seed is not None:
-            generator = torch.Generator(device=self._device(POLICY)).manual_seed(request.sampling.seed)
+        strategy = request.strategy
         return _Active(
             request=request,
             tracks=[_Track()],
-            usage=usage,
-            generator=generator,
+            usage=Usage.of_contexts(request.contexts, request.primary),
+            strategy=strategy,
+            generator=make_generator(request.sampling.seed, self._device(POLICY)),
             started=time.perf_counter(),
-            max_stop_len=max((len(s) for s in request.stop), default=0),
+            stops=StopStrings(request.stop),
+            beam=strategy.start() if isinstance(strategy, BeamSearch) else None,
         )
 
     def _device(self, key: str) -> torch.device:
@@ -582,22 +506,9 @@ class Engine:
             return torch.device("cpu")
 
     def _pass_owners(self, models: Mapping[str, Any] | None = None) -> dict[str, str]:
-        """Which model computes each key's rows: itself, or a model whose ``serves`` names it.
-
-        A model with a ``serves`` attribute (a tuple of keys, e.g. PAD's fused policy+PRM
-        module, :mod:`prefalign.pad_fused`) runs the rows of all those keys in one
-        forward, told each row's key by ``route`` (indices into ``serves``). It takes
-        over a key only while that key has no running rows of its own, so a model
-        added while requests run never splits a key's rows across two caches.
-        """
-        models = dict(self.models) if models is None else models
-        owner = {key: key for key in models}
-        for key, model in models.items():
-            for served in getattr(model, "serves", None) or ():
-                own = self._states.get(served)
-                if served in owner and served != key and (own is None or not own.rows):
-                    owner[served] = key
-        return owner
+        """Which pass key computes each model key's rows (see :func:`prefalign.runners.pass_owners`)."""
+        busy = {key for key, state in self._states.items() if state.rows}
+        return pass_owners(dict(self.models) if models is None else models, busy)
 
     # -- token choice ---------------------------------------------------------------
 
@@ -625,8 +536,8 @@ class Engine:
                 if not members:
                     continue
                 scores = scores[torch.tensor(usable)]
-            greedy = method.beam_width == 1 and all(a.request.sampling.greedy for a in members)
-            chosen = scores.argmax(dim=-1).tolist() if greedy else None
+            # All greedy (the usual case): one argmax for the whole group.
+            chosen = Greedy.tokens(scores) if all(isinstance(a.strategy, Greedy) for a in members) else None
             offset = 0
             for a in members:
                 n = len(a.tracks)
@@ -634,11 +545,11 @@ class Engine:
                 offset += n
                 try:
                     if chosen is not None:
-                        self._advance(a, 0, chosen[offset - 1], deltas)
-                    elif method.beam_width > 1:
-                        self._beam_update(a, block, method, deltas)
+                        self._advance(a, chosen[offset - 1], deltas)
+                    elif isinstance(a.strategy, BeamSearch):
+                        self._beam_step(a, a.strategy, block, deltas)
                     else:
-                        self._advance(a, 0, self._sample(a, block[0]), deltas)
+                        self._advance(a, a.strategy.token(block[0], a.generator), deltas)
                 except Exception as exc:
                     self._fail(a, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
 
@@ -682,24 +593,9 @@ class Engine:
             offset += n
         return keep
 
-    def _sample(self, active: _Active, scores: torch.Tensor) -> int:
-        params = active.request.sampling
-        if params.greedy:
-            return int(scores.argmax())
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        scores = scores[None, :]
-        scores = TemperatureLogitsWarper(params.temperature)(None, scores)
-        if params.top_k:
-            scores = TopKLogitsWarper(params.top_k)(None, scores)
-        if params.top_p < 1.0:
-            scores = TopPLogitsWarper(params.top_p)(None, scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=active.generator)[0, 0])
-
-    def _advance(self, active: _Active, track_index: int, token: int, deltas: list[Delta]) -> None:
-        """Append ``token`` to a track and decide whether the request finished."""
-        request, track = active.request, active.tracks[track_index]
+    def _advance(self, active: _Active, token: int, deltas: list[Delta]) -> None:
+        """Append ``token`` to a one-hypothesis request and decide whether it finished."""
+        request, track = active.request, active.tracks[0]
         if token in self.eos_token_ids and not request.ignore_eos:
             self._finish(active, "stop", deltas, track, new_tokens=[])
             return
@@ -708,12 +604,10 @@ class Engine:
         reason = None
         previous = len(track.text)
         track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
-        if request.stop:
-            start = max(0, previous - active.max_stop_len)
-            hits = [(i, s) for s in request.stop if (i := track.text.find(s, start)) >= 0]
-            if hits:
-                track.text = track.text[: min(i for i, _ in hits)]
-                reason = "stop"
+        cut = active.stops.cut(track.text, previous)
+        if cut is not None:
+            track.text = track.text[:cut]
+            reason = "stop"
         if reason is None and len(track.tokens) >= request.max_new_tokens:
             reason = "length"
         if reason is not None:
@@ -723,12 +617,8 @@ class Engine:
 
     def _emit(self, active: _Active, track: _Track, tokens: list[int], deltas: list[Delta], *, final: bool, reason: str | None = None) -> None:
         """Stream the part of ``track.text`` (kept decoded by the caller) that is safe to show."""
-        safe = len(track.text)
-        if not final:
-            # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
-            while safe > track.emitted and track.text[safe - 1] == "\ufffd":
-                safe -= 1
-            safe = max(track.emitted, safe - max(0, active.max_stop_len - 1))
+        # A running answer holds back an incomplete UTF-8 character and anything that may begin a stop string.
+        safe = len(track.text) if final else active.stops.safe_end(track.text, track.emitted)
         text = track.text[track.emitted:safe]
         track.emitted = safe
         if text or tokens or final:
@@ -737,8 +627,7 @@ class Engine:
     def _finish(self, active: _Active, reason: str, deltas: list[Delta], track: _Track, new_tokens: list[int], error: str | None = None) -> None:
         """Record the result, stream what is left of the text; rows leave at the next reorder."""
         if reason == "length":
-            # Cut off mid-character: drop the replacement char(s) of the incomplete UTF-8 tail.
-            track.text = track.text.rstrip("\ufffd")
+            track.text = drop_incomplete_tail(track.text)
         active.finish_reason = reason
         active.usage.completion_tokens = len(track.tokens)
         active.tracks = [track]
@@ -753,42 +642,21 @@ class Engine:
             error=error,
         )
 
-    # -- beam search ----------------------------------------------------------------
-
-    def _beam_update(self, active: _Active, scores: torch.Tensor, method: Method, deltas: list[Delta]) -> None:
-        """One step of transformers-style beam search (early_stopping=True) for one request."""
-        width = method.beam_width
-        length_penalty = float(getattr(method, "length_penalty", 1.0))
-        logprobs = torch.log_softmax(scores.float(), dim=-1)
-        vocab = logprobs.shape[-1]
-        running = torch.tensor([t.score for t in active.tracks], dtype=logprobs.dtype)
-        total = (logprobs + running[:, None]).reshape(-1)
-        # As transformers: (EOS ids + 1) × width candidates, so `width` non-finished ones remain.
-        top_scores, top_ids = torch.topk(total, k=min((len(self.eos_token_ids) + 1) * width, total.numel()))
-        generated = len(active.tracks[0].tokens) + 1
-        max_new = active.request.max_new_tokens
-        new_tracks: list[_Track] = []
-        for rank, (score, flat) in enumerate(zip(top_scores.tolist(), top_ids.tolist())):
-            parent, token = divmod(flat, vocab)
-            is_eos = token in self.eos_token_ids and not active.request.ignore_eos
-            if is_eos or generated >= max_new:
-                # Only the best `width` candidates may finish (the rest are spares to keep
-                # `width` beams running), scored by length-normalised log-prob.
-                if rank < width:
-                    tokens = active.tracks[parent].tokens + ([] if is_eos else [token])
-                    active.finished.append((score / generated**length_penalty, tokens))
-                continue
-            if len(new_tracks) < width:
-                new_tracks.append(_Track(tokens=active.tracks[parent].tokens + [token], score=score, parent=parent))
-        active.finished.sort(key=lambda item: -item[0])
-        del active.finished[width:]
-        active.usage.completion_tokens = generated
-        if len(active.finished) >= width or not new_tracks:
-            best_score, best_tokens = active.finished[0]
-            best = _Track(tokens=best_tokens, score=best_score, text=self.tokenizer.decode(best_tokens, skip_special_tokens=True))
-            self._finish(active, "length" if len(best_tokens) >= max_new else "stop", deltas, best, new_tokens=best_tokens)
+    def _beam_step(self, active: _Active, search: BeamSearch, scores: torch.Tensor, deltas: list[Delta]) -> None:
+        """One beam-search step of one request: its tracks follow the surviving hypotheses
+        (rows are reordered at the next :meth:`_reorder_rows`), or it finishes with the best."""
+        assert active.beam is not None
+        step = search.step(
+            active.tracks, scores, active.beam,
+            eos_token_ids=self.eos_token_ids, ignore_eos=active.request.ignore_eos, max_new_tokens=active.request.max_new_tokens,
+        )
+        active.usage.completion_tokens = step.generated
+        if step.done is not None:
+            tokens, reason = step.done
+            best = _Track(tokens=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True))
+            self._finish(active, reason, deltas, best, new_tokens=tokens)
             return
-        active.tracks = new_tracks
+        active.tracks = [_Track(tokens=h.tokens, score=h.score, parent=h.parent) for h in step.running]
 
     # -- row bookkeeping --------------------------------------------------------------
 

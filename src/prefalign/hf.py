@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from .runners.kv_cache import last_logprobs, left_pad, positions_from_mask
+from .runners.forward import last_logprobs, to_logprobs
+from .runners.kv_cache import left_pad, positions_from_mask
 from .errors import PrefalignError
 from .methods import Method, make_method
 from .prompts import encode_context, parse_preferences, to_chat
@@ -80,7 +81,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
         self.seen = input_ids.shape[1]
         base = last_logprobs(self.model, ids.to(self.model.device), self.mask, positions, self.cache)
-        pref = torch.log_softmax(scores.float(), dim=-1)
+        pref = to_logprobs(scores)
         vocab = min(base.shape[-1], pref.shape[-1])
         combined = self.method.score(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1))
         return combined.to(scores.dtype)

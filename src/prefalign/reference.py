@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .engine import GenerationRequest
+from .runners.forward import last_logprobs
 from .runners.kv_cache import left_pad, positions_from_mask
 
 
@@ -52,5 +53,4 @@ def reference_generate(models: dict[str, Any], requests: Sequence[GenerationRequ
 
 def _last_logprobs(model: Any, seqs: list[list[int]], pad_token_id: int) -> torch.Tensor:
     ids, mask = left_pad(seqs, pad_token_id, next(model.parameters()).device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
-    return torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+    return last_logprobs(model, ids, mask, positions_from_mask(mask))

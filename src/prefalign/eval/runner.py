@@ -455,21 +455,14 @@ class BatchExecutor:
             )
         by_id = {r.request_id: (g, r) for g, r in zip(batch.generations, requests)}
         started = time.perf_counter()
-        try:
-            for delta in al.engine.run(requests):
-                if delta.finish_reason is None:
+        # Interrupted (Ctrl-C, an error in emit): the session cancels what is unfinished.
+        with al.engine.session(requests) as session:
+            for event in session:
+                if event.result is None:
                     continue
-                result = al.engine.pop_result(delta.request_id)
-                if result is None:
-                    continue
-                gen, request = by_id[delta.request_id]
+                gen, request = by_id[event.request_id]
                 elapsed = time.perf_counter() - started
-                emit(gen, self.rows(batch, gen, result, template, elapsed, answer_template=_answer_template(request, template)))
-        finally:
-            # Interrupted (Ctrl-C, an error in emit): Engine.run has cancelled what was
-            # unfinished; drop the results nobody read.
-            for r in requests:
-                al.engine.pop_result(r.request_id)
+                emit(gen, self.rows(batch, gen, event.result, template, elapsed, answer_template=_answer_template(request, template)))
 
     def rows(
         self, batch: Batch, gen: Generation, result: Any, template: str, elapsed: float, *, answer_template: str | None = None,

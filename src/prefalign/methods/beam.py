@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..decoding.beam import BeamSearch
 from ..errors import PrefalignError
 from .method import count
 from .pref import Pref
@@ -12,6 +13,9 @@ from .pref import Pref
 @dataclass(frozen=True)
 class Beam(Pref):
     """Deterministic beam search over the preference context(s).
+
+    The method's rule is :class:`~prefalign.methods.pref.Pref`'s; the search is
+    :class:`~prefalign.decoding.beam.BeamSearch`, which :meth:`search` hands the engine.
 
     Follows transformers' beam search (``early_stopping=True``): 2×width candidates
     per step, finished hypotheses scored by ``logprob / length**length_penalty``,
@@ -41,3 +45,7 @@ class Beam(Pref):
         # Beam search is deterministic; OpenAI's default temperature (1) would reject it.
         return self.beam_width > 1
 
+    def search(self) -> BeamSearch | None:
+        """Beam search with this width and length penalty (a beam of one decodes as
+        the request's sampling says, as a one-hypothesis method does)."""
+        return BeamSearch(self.width, float(self.length_penalty)) if self.width > 1 else None

@@ -162,6 +162,12 @@ class Method(ABC):
         """Number of hypotheses the engine keeps per prompt (1: greedy or sampling)."""
         return 1
 
+    def search(self) -> Any:
+        """The search strategy the engine decodes this method with (see
+        :mod:`prefalign.decoding`); None: the request's sampling settings decide (greedy
+        or sampling)."""
+        return None
+
     @property
     def deterministic(self) -> bool:
         """True when the method cannot sample (beam search): the server then defaults to temperature 0."""

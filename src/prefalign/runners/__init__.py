@@ -19,6 +19,7 @@ key. The interface, in the order the engine calls it each step:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -66,4 +67,22 @@ def runner_for(model: Any, pad_token_id: int) -> ModelRunner:
     return TransformersRunner(model, pad_token_id)
 
 
-__all__ = ["ModelRunner", "Prefill", "runner_for"]
+def pass_owners(models: Mapping[str, Any], busy: Collection[str] = ()) -> dict[str, str]:
+    """Which model (pass key) computes each model key's rows: itself, or one whose ``serves`` names it.
+
+    A model with a ``serves`` attribute (a tuple of keys, e.g. PAD's fused policy+PRM
+    module, :mod:`prefalign.pad_fused`) runs the rows of all those keys in one forward,
+    told each row's key by ``route`` (indices into ``serves``; the transformers runner
+    passes it). It takes over a key only while that key has no running rows of its own
+    (``busy``: the keys that have), so a model added while requests run never splits a
+    key's rows across two caches.
+    """
+    owner = {key: key for key in models}
+    for key, model in models.items():
+        for served in getattr(model, "serves", None) or ():
+            if served in owner and served != key and served not in busy:
+                owner[served] = key
+    return owner
+
+
+__all__ = ["ModelRunner", "Prefill", "pass_owners", "runner_for"]

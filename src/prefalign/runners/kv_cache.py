@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..compat import cache_kwargs
 from ..errors import PrefalignError
+from .forward import last_logprobs
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +36,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded prefill: real tokens count from 0, padding never shifts them."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def last_logprobs(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, route: torch.Tensor | None = None) -> torch.Tensor:
-    """One cached forward; the last position's log-softmax ``[rows, V]`` in float32."""
-    extra = {} if route is None else {"route": route}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **cache_kwargs(model, cache),
-        **extra,
-    )
-    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
 
 def _cache_layers(cache: Any) -> list[Any]:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError, PrefalignError
+from .forward import to_logprobs
 
 #: Sequences one context can hold (llama.cpp's own ceiling is 256).
 DEFAULT_MAX_SEQUENCES = 64
@@ -169,7 +170,7 @@ class LlamaCppModel:
                 return None
             logits = lib.llama_get_logits(self._ctx)
             array = np.ctypeslib.as_array(ctypes.cast(logits, ctypes.POINTER(ctypes.c_float)), shape=(count, self.vocab_size))
-            return torch.log_softmax(torch.from_numpy(array.copy()), dim=-1)
+            return to_logprobs(torch.from_numpy(array.copy()))
         finally:
             lib.llama_batch_free(batch)
 

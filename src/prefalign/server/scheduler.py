@@ -15,6 +15,11 @@ Scheduling, per iteration of the scheduler thread:
 3. run one :meth:`Engine.step` — new requests are prefilled and every running request
    advances by one token in the same step — and route its deltas to their jobs.
 
+The thread drives the engine through one long-lived :class:`~prefalign.streaming.Session`
+(the same protocol as ``Aligner.stream`` and the evaluation): it adds and cancels
+requests, pops each finished request's result with its last delta, and, when the
+scheduler stops, cancels whatever is still running.
+
 Requests thus join and leave the running batch between any two tokens. Accepted but
 not yet running jobs wait in a queue of at most ``max_queue``; beyond that
 :meth:`Scheduler.submit` raises :class:`QueueFullError` (HTTP 429).
@@ -32,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from ..engine import Delta, Engine, GenerationRequest, GenerationResult
+from ..streaming import Event as EngineEvent
+from ..streaming import Session
 
 log = logging.getLogger("prefalign.server")
 
@@ -154,10 +161,18 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         # Mean seconds a request spends in the engine, for Retry-After.
         self._service_seconds = 1.0
+        self._session: Session | None = None
 
     @property
     def engine(self) -> Engine:
         return self.aligner.engine
+
+    @property
+    def session(self) -> Session:
+        """The scheduler thread's session on the engine (opened on first use)."""
+        if self._session is None or self._session.closed or self._session.engine is not self.engine:
+            self._session = self.engine.session()
+        return self._session
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -240,12 +255,12 @@ class Scheduler:
                 self._wake.wait(timeout=1.0)
                 continue
             try:
-                deltas = self.engine.step()
+                events = self.session.step()
             except Exception as exc:  # a bug or resource error in the engine: recover
                 self._recover(exc)
                 continue
             self.stats.steps += 1
-            self._dispatch(deltas)
+            self._dispatch(events)
         self._shutdown()
 
     def _apply_cancels_locked(self) -> None:
@@ -254,8 +269,7 @@ class Scheduler:
                 self._waiting.remove(job)
             elif self._running.pop(job.id, None) is not None:
                 # Its rows leave the batch at the next step (Engine.cancel).
-                self.engine.cancel(job.id)
-                self.engine.pop_result(job.id)
+                self.session.cancel(job.id)
             else:
                 continue  # finished in the meantime
             self.stats.cancelled += 1
@@ -265,7 +279,7 @@ class Scheduler:
         while self._waiting and len(self._running) < self.max_batch:
             job = self._waiting.popleft()
             try:
-                self.engine.add(job.request)
+                self.session.add(job.request)
             except Exception as exc:  # the handler pre-validates; this is a safety net
                 self.stats.failed += 1
                 job.post(exc)
@@ -273,19 +287,17 @@ class Scheduler:
             job.started_at = time.perf_counter()
             self._running[job.id] = job
 
-    def _dispatch(self, deltas: list[Delta]) -> None:
+    def _dispatch(self, events: list[EngineEvent]) -> None:
         done: list[Job] = []
         outbox: list[tuple[Job, Event]] = []
-        for delta in deltas:
+        for event in events:
+            delta, result = event.delta, event.result
             job = self._running.get(delta.request_id)
             if job is None:  # cancelled while this step ran: discard its output
-                if delta.finish_reason is not None:
-                    self.engine.pop_result(delta.request_id)
                 continue
             if job.stream:
                 outbox.append((job, delta))
             if delta.finish_reason is not None:
-                result = self.engine.pop_result(delta.request_id)
                 if result is None:  # should not happen; never leave a client hanging
                     outbox.append((job, EngineFailure("the engine finished the request without a result")))
                 else:
@@ -321,8 +333,8 @@ class Scheduler:
     def _shutdown(self) -> None:
         with self._lock:
             jobs = list(self._running.values()) + list(self._waiting)
-            for job in self._running.values():
-                self.engine.cancel(job.id)
+            if self._session is not None:
+                self._session.close()  # cancels what is still running
             self._running.clear()
             self._waiting.clear()
         for job in jobs:

@@ -1,0 +1,128 @@
+"""Per-request decoding settings, and the one-hypothesis strategies: greedy and sampling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PrefalignError
+
+#: The seeds ``torch.Generator.manual_seed`` accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Below this temperature decoding is greedy: scores / T overflow to inf, and the
+#: limit of sampling as T → 0 is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every per-request decoding setting: how scores become tokens and when to stop.
+
+    ``temperature=0`` (or below 1e-5) means greedy (argmax); ``top_p``/``top_k`` (0 = off)
+    cut the sampled distribution; ``seed`` makes sampling reproducible whatever the batch;
+    ``max_new_tokens`` caps the answer; ``stop`` strings end it (the text is cut before
+    them); ``ignore_eos`` decodes past the end-of-sequence token.
+
+    Every field is checked here, once, with an error naming it; the API, the CLI, the
+    server and the evaluation all build this object (method parameters are checked by
+    the method objects, in the same way).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {n!r}", field="max_new_tokens")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise PrefalignError(f"stop must be a string or a list of strings, got {self.stop!r}", field="stop")
+        for text in stop:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PrefalignError("stop contains text that is not valid Unicode (a lone surrogate?)", field="stop") from None
+        object.__setattr__(self, "stop", tuple(x for x in stop if x))
+        if not isinstance(self.ignore_eos, bool):
+            raise PrefalignError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", field="ignore_eos")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or t < 0 or math.isinf(t):
+            raise PrefalignError(f"temperature must be a finite number ≥ 0, got {t!r}", field="temperature")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise PrefalignError(f"top_p must be in (0, 1], got {p!r}", field="top_p")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise PrefalignError(f"top_k must be an integer ≥ 0 (0 = off), got {self.top_k!r}", field="top_k")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise PrefalignError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", field="seed")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """The request's own random generator (None without a seed: torch's global one)."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """The argmax of the scores. Rows of several greedy requests are chosen in one call."""
+
+    width = 1
+
+    def check(self, sampling: SamplingParams) -> None:
+        pass
+
+    @staticmethod
+    def tokens(scores: torch.Tensor) -> list[int]:
+        """The argmax of each row of ``scores`` ``[n, V]``."""
+        return scores.argmax(dim=-1).tolist()
+
+    def token(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """The argmax of one row ``[V]``."""
+        return int(scores.argmax())
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling from the softmax of the scores after temperature, top-k and top-p
+    (transformers' logits warpers, in that order), with the request's generator."""
+
+    params: SamplingParams
+    width = 1
+
+    def check(self, sampling: SamplingParams) -> None:
+        pass
+
+    def token(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """One token sampled from one row of scores ``[V]``."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        params = self.params
+        scores = scores[None, :]
+        scores = TemperatureLogitsWarper(params.temperature)(None, scores)
+        if params.top_k:
+            scores = TopKLogitsWarper(params.top_k)(None, scores)
+        if params.top_p < 1.0:
+            scores = TopPLogitsWarper(params.top_p)(None, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+
+
+__all__ = ["GREEDY_TEMPERATURE", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator"]

@@ -232,3 +232,12 @@ def test_cli_eval_and_report(tmp_path, data_files, tiny_dir):
     assert (out / "report.md").read_text().startswith("# Evaluation report")
     bad = runner.invoke(app, [*args[:-2], "--sweep", "amulet.alpha=1"])
     assert bad.exit_code == 2 and "not among the methods" in " ".join(bad.output.split())
+
+
+def test_a_sweep_reads_only_its_own_methods_spellings():
+    from prefalign.eval.runner import expand_methods
+
+    with pytest.raises(PrefalignError, match="min_p"):
+        expand_methods(["la"], ["la.min_p=0.1"])  # PAD's old name is not la's
+    (variant,) = expand_methods(["pad"], ["pad.min_p=0.1"])
+    assert variant.overrides == (("plausibility", 0.1),)

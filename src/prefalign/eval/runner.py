@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import PrefalignError
-from ..methods import METHODS, PARAM_ALIASES, make_method, method_class
+from ..methods import METHODS, make_method, method_class
 from ..prompts import PRESETS, parse_preferences, split_preference_values
 from .datasets import Dataset, load_datasets
 from .results import CONFIG_FILE, REPORT_FILE, RESULTS_FILE, _load_config, read_results
@@ -134,8 +134,8 @@ def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
         raise PrefalignError(
             f"cannot read sweep {spec!r}; write METHOD.PARAM=V1,V2,... (e.g. amulet.alpha=0.5,1,2,4)", field="sweep"
         )
-    method = method_class(method.strip()).name  # raises UnknownNameError with the known methods
-    param = PARAM_ALIASES.get(param.strip(), param.strip())
+    cls = method_class(method.strip())  # raises UnknownNameError with the known methods
+    method, param = cls.name, cls.aliases.get(param.strip(), param.strip())  # its own spellings only
     parsed = [_parse_value(v) for v in values.split(",") if v.strip()]
     if len(set(map(repr, parsed))) != len(parsed):
         raise PrefalignError(f"sweep {spec!r} repeats a value", field="sweep")

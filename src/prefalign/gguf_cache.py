@@ -62,7 +62,7 @@ def content_hash(path: Path) -> str:
 
 def _converted_gguf_dir(gguf: Path) -> Path:
     """Convert a GGUF file once into a safetensors directory in the cache; return it."""
-    target = cache_dir() / "converted" / f"{gguf.stem}-{content_hash(gguf)}"
+    target = cache_dir() / "converted" / _cache_key(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     import torch
@@ -80,19 +80,31 @@ def _converted_gguf_dir(gguf: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+    _save_into_cache(target, model, tokenizer)
+    return target
+
+
+def _cache_key(gguf: Path) -> str:
+    return f"{gguf.stem}-{content_hash(gguf)}"
+
+
+def _save_into_cache(target: Path, *objects: Any) -> None:
+    """``save_pretrained`` each object into ``target``, replacing it whole.
+
+    They are written to a temporary sibling that is then renamed, so an interrupted save
+    leaves no half cache.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary sibling and rename, so an interrupted conversion leaves no half cache.
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        for obj in objects:
+            obj.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 @contextlib.contextmanager
@@ -118,7 +130,7 @@ def read_gguf_tokenizer(gguf: Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    key = f"{gguf.stem}-{content_hash(gguf)}"
+    key = _cache_key(gguf)
     for target in (cache_dir() / "converted" / key, cache_dir() / "tokenizers" / key):
         if (target / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(target))
@@ -127,14 +139,6 @@ def read_gguf_tokenizer(gguf: Path) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many kinds here
         raise ModelLoadError(f"cannot read the tokenizer of GGUF file {gguf}: {exc}", field="model") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:  # a temporary sibling renamed into place: an interrupted save leaves no half cache
-        tokenizer.save_pretrained(tmp)
-        if not target.exists():
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _save_into_cache(target, tokenizer)  # the loop left target at the tokenizer-only directory
     return tokenizer
 

@@ -27,19 +27,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefalign.eval.report import analyse, bootstrap_ci, both_cut_by_length
+from prefalign.eval.report import _unique_generations, bootstrap_ci, both_cut_by_length, mark_collapse
 
 
 def _rows(directory: Path) -> list[dict[str, Any]]:
     with (directory / "results.jsonl").open() as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    analyse(rows)  # marks collapse (with the perplexity rule) and instruction leaks in place
+    mark_collapse(rows)  # collapse (with the perplexity rule) and instruction leaks, in place
     return rows
 
 
 def _median_ppl(rows: list[dict[str, Any]]) -> float:
-    seen = {r.get("generation") or id(r): r for r in rows}
-    values = [r["guards"]["perplexity"] for r in seen.values() if (r.get("guards") or {}).get("perplexity")]
+    values = [r["guards"]["perplexity"] for r in _unique_generations(rows) if (r.get("guards") or {}).get("perplexity")]
     return statistics.median(values) if values else float("nan")
 
 
@@ -86,8 +85,8 @@ def targets(rows: list[dict[str, Any]], reference: str, ppl_reference: float | N
 
 
 def _share(rows: list[dict[str, Any]], key: str) -> float:
-    seen = {r.get("generation") or id(r): r for r in rows}
-    return sum(1 for r in seen.values() if r.get(key)) / len(seen) if seen else float("nan")
+    seen = _unique_generations(rows)  # a base answer serves every preference: count it once
+    return sum(1 for r in seen if r.get(key)) / len(seen) if seen else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,16 @@ from .cli_options import (
     CheckedRequest,
     BackendOpt,
     FastOpt,
+    ParamOpt,
+    PreferenceOpt,
     ModelOpt,
     ThreadsOpt,
     check_backend,
     check_prm_path,
     check_request,
+    fast_setting,
+    max_new_tokens_option,
+    prm_option,
     describe_preferences,
     err_console,
     fail,
@@ -59,17 +64,12 @@ def _load(model: Optional[str], fast: str, threads: Optional[int], prm: Optional
         with err_console.status(f"loading {model or 'the embedded model'}…"):
             if backend != "transformers":
                 return Aligner.from_pretrained(model, backend=backend, threads=threads)
-            aligner = Aligner.from_pretrained(model, fast=False if fast == "off" else fast, threads=threads)
+            aligner = Aligner.from_pretrained(model, fast=fast_setting(fast), threads=threads)
             if prm is not None:
                 aligner.load_prm(prm)
             return aligner
     except PrefalignError as exc:
         fail(exc)
-
-
-def _check_fast(fast: str) -> None:
-    if fast not in ("auto", "bf16", "off"):
-        raise PrefalignError(f"--fast must be auto, bf16 or off, got {fast!r}", field="fast")
 
 
 def _announce(checked: CheckedRequest) -> None:
@@ -83,15 +83,15 @@ def _announce(checked: CheckedRequest) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The user's message.", metavar="PROMPT"),
-    preference: list[str] = typer.Option([], "--preference", "-p", metavar="PREF", help="Preset name or sentence; repeat to compose."),
+    preference: list[str] = PreferenceOpt,
     weight: list[float] = typer.Option([], "--weight", metavar="W", help="Weight of each --preference, in order."),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP, show_default=False),
-    param: list[str] = typer.Option([], "--param", "-P", metavar="K=V", help="Method parameter key=value, e.g. alpha=2 (repeatable)."),
+    param: list[str] = ParamOpt,
     w: Optional[float] = typer.Option(None, "--w", help="PAD reward weight (same as --param w=...)."),
-    prm: Optional[str] = typer.Option(None, "--prm", help="PAD: a PRM directory (default: the shipped one)."),
+    prm: Optional[str] = prm_option(),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt of your own."),
     template: Optional[str] = typer.Option(None, "--template", help="default, amulet, pad or plain."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    max_new_tokens: int = max_new_tokens_option(128),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k best (0 = off)."),
@@ -112,7 +112,7 @@ def generate(
       prefalign generate "Why is the sky blue?" -p elementary --method pad
     """
     try:
-        _check_fast(fast)
+        fast_setting(fast)  # refuse a bad --fast before loading
         checked = check_request(
             method=method, preference=preference, weight=weight, param=param, w=w, prm=prm, template=template,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, model=model,
@@ -256,11 +256,11 @@ def chat(
     preference: list[str] = typer.Option([], "--preference", "-p", metavar="PREF", help="Starting preference (change with /pref)."),
     weight: list[float] = typer.Option([], "--weight", metavar="W", help="Weight of each --preference, in order."),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP, show_default=False),
-    param: list[str] = typer.Option([], "--param", "-P", metavar="K=V", help="Method parameter key=value (repeatable)."),
+    param: list[str] = ParamOpt,
     w: Optional[float] = typer.Option(None, "--w", help="PAD reward weight (same as --param w=...)."),
-    prm: Optional[str] = typer.Option(None, "--prm", help="PAD: a PRM directory (default: the shipped one)."),
+    prm: Optional[str] = prm_option(),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt of your own."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens per answer."),
+    max_new_tokens: int = max_new_tokens_option(256, "Most tokens per answer."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
@@ -288,7 +288,7 @@ def chat(
                 warn(message)
 
     try:
-        _check_fast(fast)
+        fast_setting(fast)  # refuse a bad --fast before loading
         first = check_request(
             method=method, preference=preference, weight=weight, param=param, w=w, prm=prm,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, model=model,
@@ -431,7 +431,7 @@ def methods(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def demo(
     limit: int = typer.Option(3, "--prompts", help="How many prompts."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens per answer."),
+    max_new_tokens: int = max_new_tokens_option(64, "Tokens per answer."),
     model: Optional[str] = ModelOpt,
     fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -444,7 +444,7 @@ def demo(
     from .demo import run_demo
 
     try:
-        _check_fast(fast)
+        fast_setting(fast)  # refuse a bad --fast before loading
         if limit < 1 or max_new_tokens < 1:
             raise PrefalignError("--prompts and --max-new-tokens must be ≥ 1", field="prompts")
     except PrefalignError as exc:

@@ -33,11 +33,11 @@ METHOD_HELP = (
 
 # --- options every command shares ---------------------------------------------------
 #
-# Each is defined here once and used by every command that has it (generate, chat,
-# demo, bench, eval, serve, make-pairs, train-prm), so that a flag means one thing
-# everywhere: ``-n`` is always ``--max-new-tokens``; ``-p`` is repeatable *and* takes
-# comma-separated preset names; ``--fast`` is auto/bf16/off (``--no-fast`` = ``--fast
-# off``); ``--threads`` defaults to :data:`DEFAULT_THREADS`.
+# Each is defined here once, so that a flag means one thing wherever it is used:
+# ``-n`` is always ``--max-new-tokens``; ``-p`` is repeatable *and* takes comma-separated
+# preset names; ``--fast`` is auto/bf16/off; ``--threads`` defaults to
+# :data:`DEFAULT_THREADS`. generate, chat and demo use them; bench, eval and serve still
+# define some of their own (eval/serve: a boolean --fast/--no-fast): not unified yet.
 
 #: torch intra-op threads when ``--threads`` is not given (1: measured no slower than 2
 #: on a small CPU, and robust when the CPU is shared).
@@ -56,7 +56,6 @@ FastOpt = typer.Option(
     "auto", "--fast",
     help="CPU fast path: auto (prepacked fp32, same greedy tokens), bf16 (faster, may change tokens), off.",
 )
-NoFastOpt = typer.Option(False, "--no-fast", help="Same as --fast off.", show_default=False)
 ThreadsOpt = typer.Option(DEFAULT_THREADS, "--threads", min=1, help="torch intra-op threads (1 is robust on a shared CPU).")
 BackendOpt = typer.Option(
     "transformers", "--backend",
@@ -76,13 +75,11 @@ def max_new_tokens_option(default: Any, help: str = "Most tokens to generate.") 
     return typer.Option(default, "--max-new-tokens", "-n", help=help)
 
 
-def fast_setting(fast: str, no_fast: bool = False) -> str | bool:
-    """``--fast``/``--no-fast`` → the ``fast=`` of :meth:`Aligner.from_pretrained` ("auto", "bf16" or False)."""
+def fast_setting(fast: str) -> str | bool:
+    """``--fast`` → the ``fast=`` of :meth:`Aligner.from_pretrained` ("auto", "bf16" or False)."""
     if fast not in FAST_CHOICES:
         raise PrefalignError(f"--fast must be auto, bf16 or off, got {fast!r}", field="fast")
-    if no_fast or fast == "off":
-        return False
-    return fast
+    return False if fast == "off" else fast
 
 
 def split_preferences(values: Sequence[str]) -> list[str]:
@@ -90,47 +87,6 @@ def split_preferences(values: Sequence[str]) -> list[str]:
     from .prompts import split_preference_values
 
     return split_preference_values(values)
-
-
-# --- options from configuration dataclasses ---------------------------------------------
-
-
-def config_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
-    """A typer option for field ``name`` of dataclass ``cls``: its default and its help
-    (``metadata["help"]``) come from the field, so neither is written twice.
-
-    ``default=`` overrides the default shown on the command line (e.g. 0 for None).
-    """
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if name not in fields:
-        raise TypeError(f"{cls.__name__} has no field {name!r}")
-    f = fields[name]
-    if "default" in kwargs:
-        default = kwargs.pop("default")
-    elif f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = ...
-    kwargs.setdefault("help", f.metadata.get("help"))
-    if default is None:
-        kwargs.setdefault("show_default", False)
-    return typer.Option(default, *flags, **kwargs)
-
-
-def config_from(cls: type, values: dict[str, Any], **overrides: Any) -> Any:
-    """``cls(...)`` from the command's parsed options (``locals()``): every value whose
-    name is a field of ``cls``, then ``overrides`` (values the command converted)."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(overrides) - names
-    if unknown:
-        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-    return cls(**{k: v for k, v in values.items() if k in names and k not in overrides}, **overrides)
 
 
 def check_backend(backend: str, method: str | None = None) -> None:

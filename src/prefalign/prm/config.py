@@ -1,10 +1,8 @@
 """The settings of pair synthesis (:class:`PairsConfig`) and PRM training (:class:`TrainConfig`).
 
-One place for each setting's name, default and meaning: ``prefalign make-pairs`` and
-``prefalign train-prm`` build their options from these fields
-(:func:`prefalign.cli_options.config_option`, help from each field's ``metadata``) and
-the configs from the parsed options (:func:`prefalign.cli_options.config_from`), so
-no default is written twice. Only the standard library is imported here, so the
+One place for each setting's name, default and meaning (help in each field's
+``metadata``). ``prefalign make-pairs`` and ``prefalign train-prm`` do not build their
+options from these fields yet. Only the standard library is imported here, so the
 command line can read the defaults without loading torch's training code.
 """
 

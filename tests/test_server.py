@@ -118,7 +118,7 @@ def still_serves(client: Any) -> None:
 
 CASES = {
     "base": ({}, dict(preference=None, method="base")),
-    "amulet-default": ({"preference": "concise"}, dict(preference="concise", method="amulet")),
+    "pref-default": ({"preference": "concise"}, dict(preference="concise", method="pref")),
     "la-weighted": (
         {"preference": [{"text": "Answer like a pirate.", "weight": 2.0}, "formal"], "alignment": {"method": "la", "ratio": 1.5}},
         dict(preference=[{"text": "Answer like a pirate.", "weight": 2.0}, "formal"], method="la", ratio=1.5),
@@ -129,7 +129,7 @@ CASES = {
     ),
     "beam": ({"preference": "formal", "alignment": {"method": "beam", "width": 2}}, dict(preference="formal", method="beam", width=2)),
     "sampled-seed": (
-        {"preference": "concise", "temperature": 0.9, "top_p": 0.9, "seed": 7},
+        {"preference": "concise", "alignment": {"method": "amulet"}, "temperature": 0.9, "top_p": 0.9, "seed": 7},
         dict(preference="concise", method="amulet", temperature=0.9, top_p=0.9, seed=7),
     ),
 }
@@ -189,10 +189,10 @@ def test_response_echoes_alignment_and_usage(client):
 
 
 def test_stop_strings_match_the_engine(client, reference):
-    free = reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=24, ignore_eos=True)[0].text
+    free = reference.generate(CHAT, preference="concise", method="pref", max_new_tokens=24, ignore_eos=True)[0].text
     stop = free[8:11]
     assert stop.strip(), free
-    expected = reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
+    expected = reference.generate(CHAT, preference="concise", method="pref", max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
     kwargs = _create_kwargs({"preference": "concise", "ignore_eos": True}, max_tokens=24)
     out = client.chat.completions.create(stop=[stop], **kwargs)
     assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected.text, "stop")

@@ -18,14 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import PrefalignError
+from .rules import check_preferences, check_prm_given, choose_method
 
 err_console = Console(stderr=True)
-
-#: The method used when none is given: ``base`` without a preference, ``pref`` with one
-#: (the preference in the system prompt: what measurably follows a preference on the
-#: embedded model without collapsing, docs/results/amulet/report.md).
-DEFAULT_METHOD_WITHOUT_PREFERENCE = "base"
-DEFAULT_METHOD_WITH_PREFERENCE = "pref"
 METHOD_HELP = (
     "base, pref, beam, la, amulet or pad (`prefalign methods`). "
     "Default: base without a preference, pref with one."
@@ -88,16 +83,6 @@ def split_preferences(values: Sequence[str]) -> list[str]:
 
     return split_preference_values(values)
 
-
-def check_backend(backend: str, method: str | None = None) -> None:
-    """Refuse an unknown backend, and PAD on llama.cpp, before anything loads."""
-    from .aligner import BACKENDS, PAD_BACKEND_MESSAGE  # imported with the package already
-    from .suggest import did_you_mean
-
-    if backend not in BACKENDS:
-        raise PrefalignError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}{did_you_mean(backend, BACKENDS)}", field="backend")
-    if backend == "llamacpp" and method == "pad":
-        raise PrefalignError(PAD_BACKEND_MESSAGE, field="method")
 
 # --- optional dependencies ------------------------------------------------------------
 
@@ -236,9 +221,9 @@ def check_request(
 ) -> CheckedRequest:
     """Validate everything that does not need the model; raise :class:`PrefalignError` if wrong.
 
-    Picks the default method (:data:`DEFAULT_METHOD_WITH_PREFERENCE` or
-    :data:`DEFAULT_METHOD_WITHOUT_PREFERENCE`) when ``method`` is None, and collects
-    warnings for settings that would otherwise be ignored silently.
+    Picks the default method (:func:`prefalign.rules.choose_method`, the rule of every
+    face) when ``method`` is None, and collects warnings for settings that would
+    otherwise be ignored silently.
     """
     from .engine import SamplingParams
     from .methods import PARAM_ALIASES, PRM, make_method
@@ -247,8 +232,7 @@ def check_request(
     prefs = preference_argument(split_preferences(preference), weight)
     parsed = parse_preferences(prefs)
     defaulted = method is None
-    if method is None:
-        method = DEFAULT_METHOD_WITH_PREFERENCE if parsed else DEFAULT_METHOD_WITHOUT_PREFERENCE
+    method = str(choose_method(method, parsed))
     params = parse_params(param)
     warnings: list[str] = []
     if w is not None:
@@ -261,12 +245,7 @@ def check_request(
             params.pop(key)
         params["w"] = w
     rule = make_method(method, **params)
-    if rule.needs_preference and not parsed:
-        raise PrefalignError(
-            f"method {rule.name!r} needs a preference: add -p concise (a preset) or -p 'a sentence', "
-            "or use --method base to answer without one",
-            field="preference",
-        )
+    check_preferences(rule, len(parsed))
     if not rule.needs_preference and parsed:
         warnings.append(f"method {rule.name!r} ignores the preference ({describe_preferences(prefs)}); use --method pref to follow it")
     if template is not None and template not in TEMPLATES:
@@ -286,12 +265,7 @@ def check_request(
         else:
             check_prm_path(prm)
     if uses_prm:
-        if prm is None and model not in (None, "", "embedded"):
-            raise PrefalignError(
-                "method 'pad' needs a PRM trained for this model: pass --prm PATH "
-                "(prefalign ships one only for the embedded model; train one with `prefalign train-prm`)",
-                field="prm",
-            )
+        check_prm_given(model, prm)
         warnings.extend(prm_preference_warnings(prm, parsed))
     return CheckedRequest(method=rule.name, method_defaulted=defaulted, params=params, preference=prefs, prm=prm, warnings=warnings)
 

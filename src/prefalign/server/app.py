@@ -49,6 +49,7 @@ from ..engine import Delta, GenerationRequest, GenerationResult
 from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
 from ..prompts import parse_preferences
+from ..rules import DEFAULT_METHOD_WITH_PREFERENCE, choose_method
 from .errors import APIError
 from .scheduler import EngineFailure, Job, QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest, _GenerationBody
@@ -71,7 +72,7 @@ class ServerConfig:
     max_queue: int = 64
     max_tokens_cap: int = 1024
     max_body_bytes: int = 1_000_000
-    default_method: str = "amulet"
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE
     default_temperature: float = 1.0
     max_preferences: int = 8
     max_stop: int = 4
@@ -212,10 +213,9 @@ class _Translator:
         preference_arg: Any = body.preference
         if isinstance(preference_arg, list):
             preference_arg = [p if isinstance(p, str) else {"text": p.text, "weight": p.weight} for p in preference_arg]
-        method_name = alignment.method if alignment and alignment.method else None
-        if method_name is None:
-            # A preference alone asks for the server's default method; nothing asks for base.
-            method_name = config.default_method if preference_arg is not None else "base"
+        # No method: the rule of every face (pref with a preference, else base), with
+        # the server's --default-method in place of pref.
+        method_name = str(choose_method((alignment.method or None) if alignment else None, preference_arg, config.default_method))
 
         method_cls = METHODS.get(method_name.lower()) if isinstance(method_name, str) else None
         method_fields = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
@@ -431,7 +431,7 @@ def create_app(
     max_tokens_cap: int = 1024,
     max_body_bytes: int = 1_000_000,
     model_id: str | None = None,
-    default_method: str = "amulet",
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE,
     default_temperature: float = 1.0,
     max_preferences: int = 8,
     max_prompt_tokens: int = 8192,
@@ -448,8 +448,8 @@ def create_app(
     stays open). ``max_batch``: requests decoded together; ``max_queue``: requests
     waiting beyond that before 429. ``max_tokens_cap``: the largest ``max_tokens``
     accepted (and the default for chat). ``max_body_bytes``: larger bodies get 413.
-    ``default_method``: used when a request gives a preference but no method (no
-    preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    ``default_method``: used when a request gives a preference but no method (default
+    ``pref``, as on every face; no preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
     """
     make_method(default_method)  # fail at startup, not on the first request
     if prefill_chunk is not None:

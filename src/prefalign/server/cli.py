@@ -36,7 +36,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body; larger ones get 413.")] = 1_000_000,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Largest prompt, in tokens over all contexts of a request's method; larger ones get 400.")] = 8192,
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step between the decode steps of running streams (benchmarks/long_prompt.py).")] = 32,
-    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
+    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method (no preference: base).")] = "pref",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (1: measured no slower than 2 on a small CPU, and robust when it is shared).")] = 1,

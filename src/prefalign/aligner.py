@@ -138,7 +138,7 @@ class Aligner:
             from . import prm as prm_api
         except ImportError as exc:
             raise PrefalignError(
-                f"method 'pad' needs a personalised reward model, but PRM support cannot be imported ({exc}); "
+                f"PRM support cannot be imported ({exc}), and method 'pad' needs it; "
                 "install it with `pip install 'prefalign[prm]'`",
                 field="prm",
             ) from exc
@@ -147,8 +147,8 @@ class Aligner:
                 path = prm_api.default_prm_path()
             except Exception as exc:
                 raise PrefalignError(
-                    f"method 'pad' needs a personalised reward model (PRM), and the one shipped for the embedded "
-                    f"model is not available ({exc}); pass one with prm=PATH / `--prm PATH` "
+                    f"the personalised reward model (PRM) shipped for the embedded model, which method 'pad' needs, "
+                    f"is not available ({exc}); pass one with prm=PATH / `--prm PATH` "
                     "or train one with `prefalign train-prm`",
                     field="prm",
                 ) from exc

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import PrefalignError
-from .rules import check_preferences, check_prm_given, choose_method
+from .rules import check_preferences, check_prm_given, check_prm_path, choose_method  # noqa: F401 (check_prm_path: for the commands)
 
 err_console = Console(stderr=True)
 METHOD_HELP = (
@@ -68,6 +68,34 @@ def prm_option(help: str = PRM_HELP, default: Any = None) -> Any:
 def max_new_tokens_option(default: Any, help: str = "Most tokens to generate.") -> Any:
     """``--max-new-tokens/-n N`` with the command's own default."""
     return typer.Option(default, "--max-new-tokens", "-n", help=help)
+
+
+def field_option(config: type, name: str, *param_decls: str, **kwargs: Any) -> Any:
+    """A typer option whose default and help are those of the dataclass ``config``'s
+    field ``name`` (its ``metadata["help"]``): each setting's help is written once,
+    next to its field (:mod:`prefalign.prm.config`)."""
+    import dataclasses
+
+    spec = {f.name: f for f in dataclasses.fields(config)}[name]
+    if spec.default is not dataclasses.MISSING:
+        default = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        default = spec.default_factory()
+    else:
+        default = ...
+    kwargs.setdefault("help", spec.metadata["help"])
+    return typer.Option(kwargs.pop("default", default), *param_decls, **kwargs)
+
+
+def config_from(config: type, options: dict[str, Any], **converted: Any) -> Any:
+    """``config(**fields)``: the command's options named after the dataclass's fields,
+    with ``converted`` in place of theirs (the settings a command spells differently,
+    e.g. minutes for seconds). The dataclass checks the values, so a bad one fails
+    before anything loads."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config)}
+    return config(**{**{k: v for k, v in options.items() if k in names}, **converted})
 
 
 def fast_setting(fast: str) -> str | bool:
@@ -268,16 +296,6 @@ def check_request(
         check_prm_given(model, prm)
         warnings.extend(prm_preference_warnings(prm, parsed))
     return CheckedRequest(method=rule.name, method_defaulted=defaulted, params=params, preference=prefs, prm=prm, warnings=warnings)
-
-
-def check_prm_path(prm: str | Path) -> Path:
-    """A PRM directory that exists and holds a ``prm_config.json``, else a clear error."""
-    path = Path(prm).expanduser()
-    if not path.exists():
-        raise PrefalignError(f"PRM not found: {path} (a directory written by `prefalign train-prm`)", field="prm")
-    if not (path / "prm_config.json").is_file():
-        raise PrefalignError(f"{path} is not a PRM directory: it has no prm_config.json", field="prm")
-    return path
 
 
 def prm_preference_warnings(prm: str | Path | None, preferences: Sequence[Any]) -> list[str]:

@@ -7,7 +7,8 @@ when it is broken:
   with one, unless the caller names a method;
 * :func:`check_preferences`: a method that reads a preference gets one;
 * :func:`check_backend`: a known backend, and no PAD on llama.cpp;
-* :func:`check_prm_given`: PAD on a model other than the embedded one names its PRM.
+* :func:`check_prm_given`: PAD on a model other than the embedded one names its PRM;
+* :func:`check_prm_path`: a PRM path is a directory with a ``prm_config.json``.
 
 None of them loads a model, so the CLI runs them before loading anything.
 """
@@ -15,6 +16,7 @@ None of them loads a model, so the CLI runs them before loading anything.
 from __future__ import annotations
 
 from collections.abc import Sized
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PrefalignError
@@ -108,3 +110,13 @@ def check_prm_given(policy: str | None, prm: Any) -> None:
             "or train one with `prefalign train-prm`",
             field="prm",
         )
+
+
+def check_prm_path(prm: str | Path) -> Path:
+    """A PRM directory that exists and holds a ``prm_config.json``, else a clear error."""
+    path = Path(prm).expanduser()
+    if not path.exists():
+        raise PrefalignError(f"PRM not found: {path} (a directory written by `prefalign train-prm`)", field="prm")
+    if not (path / "prm_config.json").is_file():
+        raise PrefalignError(f"{path} is not a PRM directory: it has no prm_config.json", field="prm")
+    return path

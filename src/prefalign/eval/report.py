@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrefalignError
-from .results import CONFIG_FILE, REPORT_FILE, RESULTS_FILE, _load_config, read_results
+from .results import REPORT_FILE, read_run
 from .stats import (  # re-exported: the report's statistics live in .stats
     BOOTSTRAP_SAMPLES,
     LENGTH_JUDGES,
@@ -713,12 +713,7 @@ def render_markdown(a: Analysis, plots: Sequence[Path] = (), *, title: str = "Ev
 def write_report(directory: str | Path, *, plots: bool = True, title: str | None = None) -> Path:
     """Write ``DIR/report.md`` (and plots next to it) from ``DIR/results.jsonl``; return its path."""
     d = Path(directory).expanduser()
-    if not (d / RESULTS_FILE).is_file():
-        raise PrefalignError(f"{d} has no {RESULTS_FILE}; run `prefalign eval --out {d}` first", field="dir")
-    rows = read_results(d)
-    if not rows:
-        raise PrefalignError(f"{d / RESULTS_FILE} has no rows yet", field="dir")
-    config = _load_config(d / CONFIG_FILE)
+    rows, config = read_run(d)
     a = analyse(rows, config)
     images: list[Path] = []
     if plots:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,28 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def parse_json(text: str, path: str | Path, *, field: str, hint: str | Callable[[str], str] = "") -> Any:
+    """``json.loads(text)``, or an error naming the file, the line and ``hint`` (or
+    ``hint(json's message)``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        said = hint(exc.msg) if callable(hint) else hint
+        raise PrefalignError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}{said}", field=field) from exc
+
+
 def _load_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PrefalignError(f"{path} is not valid JSON ({exc.msg}); fix or remove it", field="out") from exc
+    return parse_json(path.read_text(encoding="utf-8"), path, field="out", hint="; fix or remove it")
+
+
+def read_run(directory: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows and the config of a finished (or partial) run, or an error saying what is missing."""
+    d = Path(directory).expanduser()
+    if not (d / RESULTS_FILE).is_file():
+        raise PrefalignError(f"{d} has no {RESULTS_FILE}; run `prefalign eval --out {d}` first", field="dir")
+    rows = read_results(d)
+    if not rows:
+        raise PrefalignError(f"{d / RESULTS_FILE} has no rows yet", field="dir")
+    return rows, _load_config(d / CONFIG_FILE)

@@ -672,14 +672,13 @@ def run_eval(
     variants = expand_methods(config.methods, config.sweeps)
     preferences = expand_preferences(config.preferences)
     _check_preferences(preferences, config.judge_backend)
-    if not isinstance(config.max_new_tokens, int) or config.max_new_tokens < 1:
-        raise PrefalignError(f"max_new_tokens must be an integer ≥ 1, got {config.max_new_tokens!r}", field="max_new_tokens")
+    from ..engine import SamplingParams
+    from ..rules import check_backend
+
+    SamplingParams(max_new_tokens=config.max_new_tokens)  # the API's check of max_new_tokens
     if config.executor not in ("local", "ray"):
         raise PrefalignError(f"unknown executor {config.executor!r}; choose local or ray", field="executor")
-    from ..aligner import BACKENDS
-
-    if config.model_backend not in BACKENDS:
-        raise PrefalignError(f"unknown backend {config.model_backend!r}; choose {' or '.join(BACKENDS)}", field="backend")
+    check_backend(config.model_backend)
     if config.executor == "ray" and aligner is not None:
         raise PrefalignError("the ray executor loads the model in each worker; pass model=, not aligner=", field="executor")
     datasets = load_datasets(config.datasets, field=config.prompt_field, limit=config.limit, seed=config.seed)

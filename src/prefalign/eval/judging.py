@@ -37,8 +37,7 @@ from typing import Any
 from ..errors import PrefalignError
 from .llm_judge import PairwiseLLMJudge, Verdict, parse_llm_spec
 from .reward_models import RewardModelJudge, check_rm_spec, parse_rm_spec
-from .results import read_run
-from .runner import CONFIG_FILE, RESULTS_FILE, _dir_lock, _write_json, key_of
+from .results import CONFIG_FILE, RESULTS_FILE, _dir_lock, _write_json, key_of, read_run
 
 __all__ = ["JUDGES_DIR", "JudgeSummary", "build_judges", "check_judge_specs", "judge_preference", "judge_run"]
 

@@ -15,17 +15,6 @@ from prefalign.prm.config import PairsConfig, TrainConfig
 runner = CliRunner()
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any attempt to load a model fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr("prefalign.aligner.Aligner.from_pretrained", refuse)
-    monkeypatch.setattr("prefalign.models.load_model", refuse)
-
-
 def test_make_pairs_refuses_a_template_no_prm_reads_before_loading(no_model, tmp_path):
     # `amulet` is a prompt template (prompts.TEMPLATES) but not one a PRM is trained in.
     result = runner.invoke(app, ["make-pairs", "--template", "amulet", "--output", str(tmp_path / "p.jsonl")])

@@ -214,6 +214,10 @@ class Aligner:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
         **method_params: Any,
     ) -> GenerationRequest:
         """Validate one prompt's arguments and render its contexts into an engine request.
@@ -225,7 +229,9 @@ class Aligner:
         """
         rule = make_method(method, **method_params)
         given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     seed=seed, stop=stop, ignore_eos=ignore_eos)
+                     seed=seed, stop=stop, ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+                     presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+                     no_repeat_ngram_size=no_repeat_ngram_size)
         decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
         preferences = parse_preferences(preference)
         if rule.needs_preference and not preferences:
@@ -286,7 +292,9 @@ class Aligner:
         ``prompts`` is a string, a chat (list of ``{role, content}``) or a list of these.
         ``preference`` is a preset name, a sentence, or a list of ``(text, weight)``.
         ``kwargs``: ``max_new_tokens``, ``template``, ``temperature``, ``top_p``, ``top_k``,
-        ``seed``, ``stop``, ``ignore_eos`` and the method's parameters (e.g. ``alpha``).
+        ``seed``, ``stop``, ``ignore_eos``, the repetition controls (``frequency_penalty``,
+        ``presence_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``; see
+        :class:`SamplingParams`) and the method's parameters (e.g. ``alpha``).
         """
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:

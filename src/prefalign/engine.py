@@ -23,8 +23,10 @@ One step (see docs/architecture.md):
    last position's log-softmax of each row is gathered per request into a
    ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
    scores. Requests sharing a method and weights are combined in one call.
-3. Each request's strategy turns its scores into tokens; the token is appended to all K
-   contexts of its track; EOS, stop strings and ``max_new_tokens`` end a request.
+3. The repetition controls of the requests that set them (:mod:`prefalign.decoding.repetition`,
+   one batched op over their rows) adjust the scores; each request's strategy turns
+   its scores into tokens; the token is appended to all K contexts of its track (and
+   to its history, if it keeps one); EOS, stop strings and ``max_new_tokens`` end a request.
 4. Finished rows leave the batch and beam tracks follow their parents — one row
    selection on every runner.
 
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 
 from .decoding import BeamSearch, BeamState, Greedy, SearchStrategy, StopStrings, make_generator, strategy_for
+from .decoding.repetition import Histories, TokenHistory, apply_repetition_controls
 from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams  # noqa: F401 - re-exported: they lived here
 from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
@@ -143,6 +146,8 @@ class _Track:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
+    #: Kept only for requests with repetition controls or a method that reads the answer.
+    history: TokenHistory | None = None
 
 
 @dataclass
@@ -485,9 +490,12 @@ class Engine:
 
     def _start(self, request: GenerationRequest) -> _Active:
         strategy = request.strategy
+        history = None
+        if request.sampling.penalizes or getattr(request.method, "uses_history", False):
+            history = TokenHistory(request.contexts[request.primary][1])
         return _Active(
             request=request,
-            tracks=[_Track()],
+            tracks=[_Track(history=history)],
             usage=Usage.of_contexts(request.contexts, request.primary),
             strategy=strategy,
             generator=make_generator(request.sampling.seed, self._device(POLICY)),
@@ -526,6 +534,9 @@ class Engine:
             # A group's fault (its method's combine, say) fails its requests, no one else's.
             try:
                 scores = self._group_scores(method, weights, members, logprobs, row_index)
+                if any(a.request.sampling.penalizes for a in members):
+                    settings = [a.request.sampling for a in members for _ in a.tracks]
+                    scores = apply_repetition_controls(scores, settings, [t.history for a in members for t in a.tracks])
             except Exception as exc:
                 for active in members:
                     self._fail(active, f"{method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
@@ -568,7 +579,12 @@ class Engine:
             idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
             blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
         stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
-        scores = method.score(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
+        weights_t = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        if getattr(method, "uses_history", False):
+            history = Histories([t.history for a in members for t in a.tracks])
+            scores = method.score(stacked, weights_t, history=history)
+        else:
+            scores = method.score(stacked, weights_t)
         # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
         return scores.masked_fill(scores.isnan(), _NEG_INF)
 
@@ -600,6 +616,8 @@ class Engine:
             self._finish(active, "stop", deltas, track, new_tokens=[])
             return
         track.tokens.append(token)
+        if track.history is not None:
+            track.history.push(token)
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
@@ -656,7 +674,11 @@ class Engine:
             best = _Track(tokens=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True))
             self._finish(active, reason, deltas, best, new_tokens=tokens)
             return
-        active.tracks = [_Track(tokens=h.tokens, score=h.score, parent=h.parent) for h in step.running]
+        old = active.tracks
+        active.tracks = [
+            _Track(tokens=h.tokens, score=h.score, parent=h.parent, history=None if (p := old[h.parent].history) is None else p.child(h.tokens[-1]))
+            for h in step.running
+        ]
 
     # -- row bookkeeping --------------------------------------------------------------
 

@@ -255,6 +255,10 @@ BAD_BODIES = [
     ("beam with sampling", {"alignment": {"method": "beam", "width": 2}, "preference": "concise", "temperature": 0.5}, 400, "temperature"),
     ("n", {"n": 2}, 400, "n"),
     ("unsupported feature", {"logprobs": True}, 400, "logprobs"),
+    ("frequency_penalty range", {"frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("presence_penalty range", {"presence_penalty": -3}, 400, "presence_penalty"),
+    ("repetition_penalty range", {"repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("no_repeat_ngram_size range", {"no_repeat_ngram_size": -1}, 400, "no_repeat_ngram_size"),
     ("unknown model", {"model": "gpt-4o"}, 404, "model"),
 ]
 
@@ -269,6 +273,17 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(live, client, name
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and error["message"]
     still_serves(client)
+
+
+def test_repetition_controls_through_the_official_client(client):
+    """OpenAI's penalties as fields, transformers' as vLLM-style extension fields: accepted
+    and decoded (their effect is tested in tests/test_repetition.py)."""
+    out = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=24, temperature=0, frequency_penalty=1.0, presence_penalty=0.5,
+        extra_body={"repetition_penalty": 1.2, "no_repeat_ngram_size": 1, "preference": "concise", "ignore_eos": True},
+    )
+    text = out.choices[0].message.content
+    assert out.usage.completion_tokens == 24 and text
 
 
 def test_bad_input_through_the_official_client(client):

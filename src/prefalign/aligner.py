@@ -201,6 +201,10 @@ class Aligner:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
         **method_params: Any,
     ) -> GenerationRequest:
         """Validate one prompt's arguments and render its contexts into an engine request.
@@ -214,7 +218,9 @@ class Aligner:
         preferences = parse_preferences(preference)
         rule = make_method(choose_method(method, preferences), **method_params)
         given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     seed=seed, stop=stop, ignore_eos=ignore_eos)
+                     seed=seed, stop=stop, ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+                     presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+                     no_repeat_ngram_size=no_repeat_ngram_size)
         decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
         check_preferences(rule, len(preferences))
         if not rule.needs_preference:
@@ -271,7 +277,9 @@ class Aligner:
         ``method``: a name or a :class:`Method`; None: ``pref`` with a preference, ``base``
         without one (the default of every face, :func:`prefalign.rules.choose_method`).
         ``kwargs``: ``max_new_tokens``, ``template``, ``temperature``, ``top_p``, ``top_k``,
-        ``seed``, ``stop``, ``ignore_eos`` and the method's parameters (e.g. ``alpha``).
+        ``seed``, ``stop``, ``ignore_eos``, the repetition controls (``frequency_penalty``,
+        ``presence_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``; see
+        :class:`SamplingParams`) and the method's parameters (e.g. ``alpha``).
         """
         return self.engine.generate(self._requests(prompts, preference, method, kwargs))
 

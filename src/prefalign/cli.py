@@ -203,7 +203,8 @@ class WordWrapper:
 CHAT_HELP = """\
 /pref TEXT     set the preference (a preset or a sentence); /pref none clears it
 /method [NAME] show or set the method (base, pref, beam, la, amulet, pad)
-/param K=V     set a method parameter; /param alone shows them, /param clear resets
+/param K=V     set a method parameter or a repetition control (e.g.
+               repetition_penalty=1.2); /param alone shows them, /param clear resets
 /reset         forget the conversation
 /help          this list
 /quit          leave (also Ctrl-D)"""
@@ -268,6 +269,7 @@ def chat(
     backend: str = BackendOpt,
 ) -> None:
     """Interactive chat. Type /help for the commands (/pref, /method, /param, /reset, /quit)."""
+    from .decoding.sampling import SamplingParams, split_repetition
     from .methods import make_method
     from .prompts import parse_preferences
 
@@ -355,7 +357,7 @@ def chat(
                 elif command == "method":
                     if arg:
                         checked = check(arg, {})  # e.g. amulet without a preference: refused here, not at the next message
-                        chosen_method, params = checked.method, {}
+                        chosen_method, params = checked.method, split_repetition(params)[1]  # repetition controls stay
                         show_warnings(checked)
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "param":
@@ -366,7 +368,9 @@ def chat(
                         params = {}
                     else:
                         candidate = {**params, **parse_params([arg])}
-                        make_method(current_method(), **candidate)
+                        method_params, repetition = split_repetition(candidate)
+                        make_method(current_method(), **method_params)
+                        SamplingParams(**repetition)
                         params = candidate
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "reset":

@@ -56,7 +56,11 @@ BackendOpt = typer.Option(
     "transformers", "--backend",
     help="transformers (PyTorch) or llamacpp (a GGUF in llama.cpp; prefalign[llamacpp]; no pad).",
 )
-ParamOpt = typer.Option([], "--param", "-P", metavar="K=V", help="Method parameter key=value, e.g. alpha=2 (repeatable).")
+ParamOpt = typer.Option(
+    [], "--param", "-P", metavar="K=V",
+    help="Method parameter key=value, e.g. alpha=2, or a repetition control: frequency_penalty, "
+    "presence_penalty, repetition_penalty, no_repeat_ngram_size (repeatable).",
+)
 PreferenceOpt = typer.Option([], "--preference", "--preferences", "-p", metavar="PREF", help=PREFERENCE_HELP)
 
 
@@ -253,7 +257,7 @@ def check_request(
     face) when ``method`` is None, and collects warnings for settings that would
     otherwise be ignored silently.
     """
-    from .engine import SamplingParams
+    from .decoding.sampling import SamplingParams, split_repetition
     from .methods import PARAM_ALIASES, PRM, make_method
     from .prompts import TEMPLATES, parse_preferences
 
@@ -272,7 +276,8 @@ def check_request(
                 )
             params.pop(key)
         params["w"] = w
-    rule = make_method(method, **params)
+    method_params, repetition = split_repetition(params)
+    rule = make_method(method, **method_params)
     check_preferences(rule, len(parsed))
     if not rule.needs_preference and parsed:
         warnings.append(f"method {rule.name!r} ignores the preference ({describe_preferences(prefs)}); use --method pref to follow it")
@@ -284,7 +289,7 @@ def check_request(
             field="template",
         )
     # The object every caller builds checks these, so the CLI says what the API says.
-    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens, **repetition)
     uses_prm = PRM in rule.extra_models
     if prm is not None:
         if not uses_prm:

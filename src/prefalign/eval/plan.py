@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..decoding.sampling import SamplingParams, split_repetition
 from ..errors import PrefalignError
 from ..methods import METHODS, make_method, method_class
 from ..prompts import PRESETS, split_preference_values
@@ -61,7 +62,9 @@ class MethodVariant:
 
     @property
     def params(self) -> dict[str, Any]:
-        return make_method(self.method, **dict(self.overrides)).params()
+        """The method's parameters, plus any repetition control the variant sets."""
+        method_params, repetition = split_repetition(dict(self.overrides))
+        return {**make_method(self.method, **method_params).params(), **repetition}
 
     @property
     def needs_preference(self) -> bool:
@@ -101,7 +104,8 @@ def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
             f"cannot read sweep {spec!r}; write METHOD.PARAM=V1,V2,... (e.g. amulet.alpha=0.5,1,2,4)", field="sweep"
         )
     cls = method_class(method.strip())  # raises UnknownNameError with the known methods
-    method, param = cls.name, cls.aliases.get(param.strip(), param.strip())  # its own spellings only
+    # Its own spellings, or a repetition control (a sampling setting: pref.repetition_penalty=1.2).
+    method, param = cls.name, cls.aliases.get(param.strip(), param.strip())
     parsed = [_parse_value(v) for v in values.split(",") if v.strip()]
     if len(set(map(repr, parsed))) != len(parsed):
         raise PrefalignError(f"sweep {spec!r} repeats a value", field="sweep")
@@ -140,7 +144,9 @@ def expand_methods(methods: Sequence[str], sweeps: Sequence[str] = ()) -> list[M
         keys = sorted(swept)
         for combo in itertools.product(*(swept[k] for k in keys)):
             overrides = tuple(zip(keys, combo))
-            make_method(name, **dict(overrides))  # validate now: names the bad parameter
+            method_params, repetition = split_repetition(dict(overrides))
+            make_method(name, **method_params)  # validate now: names the bad parameter
+            SamplingParams(**repetition)
             variants.append(MethodVariant(name, overrides))
     return variants
 

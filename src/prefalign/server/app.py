@@ -6,7 +6,9 @@ top level of the body so that the official client's ``extra_body`` reaches them:
 
 * ``preference``: a preset name, a sentence, or a list of ``{"text", "weight"}``;
 * ``alignment``: ``{"method": "amulet", "template": ..., ...method parameters}``;
-* ``top_k`` and ``ignore_eos`` (as in vLLM).
+* ``top_k``, ``ignore_eos``, ``repetition_penalty`` and ``no_repeat_ngram_size`` (as in
+  vLLM; the last two are transformers' repetition controls). OpenAI's
+  ``frequency_penalty`` and ``presence_penalty`` are applied with OpenAI's formula.
 
 Answers have OpenAI's shape plus ``alignment`` (the method, template and every
 parameter used, defaults filled in, so it can be sent back as is) and ``preference``
@@ -267,6 +269,10 @@ class _Translator:
                 seed=body.seed,
                 stop=stop,
                 ignore_eos=bool(body.ignore_eos),
+                frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty,
+                repetition_penalty=body.repetition_penalty,
+                no_repeat_ngram_size=body.no_repeat_ngram_size,
             )
             if max_tokens is None:
                 # Unset: as much as the window and the cap allow (OpenAI's chat default),

@@ -6,7 +6,7 @@ Registered in the main CLI as ``app.command("serve")(serve)``.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -78,5 +78,19 @@ def serve(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
-    # A short graceful-shutdown timeout: open streams are cut instead of holding Ctrl-C.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    # A short graceful-shutdown timeout: a connection that outlives it is cut.
+    run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+
+
+def run_server(app: Any, config: Any) -> None:
+    """Run ``app`` under uvicorn; Ctrl-C (SIGINT, SIGTERM) stops its scheduler first, so
+    running requests end at once with a ``server_shutting_down`` error (streams get it
+    as their last event) and the process exits 0 without waiting for them."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.scheduler.request_stop()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()

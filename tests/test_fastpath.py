@@ -105,6 +105,24 @@ def test_report_lists_replaced_and_fused_layers(tiny):
 
 
 @needs_onednn
+def test_each_weight_is_packed_once(tiny):
+    """A fused group's members hold no packed copy of their own: one packed copy per weight."""
+    fast, _ = _fast(tiny)
+    packed: list[torch.Tensor] = []
+    groups: dict[int, fastpath.FusedLinearGroup] = {}
+    for module in fast.modules():
+        if isinstance(module, PackedLinear):
+            if module._group is not None:
+                assert module._packed is None and module._packed_bias is None
+                groups[id(module._group)] = module._group
+            else:
+                packed.append(module._packed)
+    packed += [group._packed for group in groups.values()]
+    linear_elements = sum(m.weight.numel() for m in tiny.modules() if isinstance(m, nn.Linear))
+    assert sum(t.numel() for t in packed) == linear_elements
+
+
+@needs_onednn
 def test_state_dict_and_tied_weights_unchanged():
     model = _tiny(tie=True)
     keys = list(model.state_dict())

@@ -212,6 +212,8 @@ class PackedLinear(nn.Linear):
         dtype: torch.dtype,
         group: FusedLinearGroup | None = None,
         slot: int = 0,
+        *,
+        pack: bool = True,
     ) -> None:
         # Skip nn.Linear.__init__: it would allocate and initialise fresh weights.
         nn.Module.__init__(self)
@@ -226,7 +228,9 @@ class PackedLinear(nn.Linear):
         self._packed: torch.Tensor | None = None
         self._packed_bias: torch.Tensor | None = None
         self._watch: _ParamWatch | None = None
-        if group is None:
+        # A member of a fused group (pack=False, its group set right after) never uses a
+        # packed copy of its own: packing it too held every q/k/v/gate/up weight twice.
+        if group is None and pack:
             self._repack()
 
     def _repack(self) -> None:
@@ -504,7 +508,7 @@ def optimize_for_cpu(
                     lins = [children[n] for n in present]
                     if len({(lin.in_features, lin.weight.dtype) for lin in lins}) != 1:
                         continue  # not siblings of one input: accelerate them one by one
-                    wrappers = [PackedLinear(lin, dtype, group=None, slot=i) for i, lin in enumerate(lins)]
+                    wrappers = [PackedLinear(lin, dtype, slot=i, pack=False) for i, lin in enumerate(lins)]
                     group = FusedLinearGroup(present, wrappers)
                     for w in wrappers:
                         w._group = group

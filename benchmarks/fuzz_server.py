@@ -187,7 +187,7 @@ def _headers(rng: random.Random) -> Case:
         {"content-type": "application/json", "content-encoding": "gzip"}, {"content-type": "application/json", "authorization": "Bearer " + "x" * 5000},
         {"content-type": "application/json", "authorization": "Basic Zm9vOmJhcg=="}, {"content-type": "application/json", "expect": "100-continue"},
         {"content-type": "application/json", "x-forwarded-for": "1.2.3.4, evil"}, {"content-type": "application/json", "accept": "text/event-stream"},
-        {"content-type": "application/json", "transfer-encoding": "chunked"}, {"content-type": "application/json", "x-junk": "\t odd value \t"},
+        {"content-type": "application/json", "transfer-encoding": "chunked"}, {"content-type": "application/json", "x-junk": "odd\tvalue ; = , \"q\""},
     ])
     return Case("odd headers", headers=dict(headers), body=dumps(ok_body(rng)))
 
@@ -235,7 +235,8 @@ def _messages(rng: random.Random) -> Case:
 
 
 def send(client: Any, base_url: str, case: Case) -> tuple[int, str]:
-    """Send ``case``; the status (0: no HTTP answer) and the body's first 300 characters."""
+    """Send ``case``; the status (0: no HTTP answer) and the body (an error event of a
+    stream first, else its first 300 characters)."""
     if case.raw is not None:
         return _send_raw(base_url, case.raw)
     content: Any = case.body
@@ -246,7 +247,10 @@ def send(client: Any, base_url: str, case: Case) -> tuple[int, str]:
         response = client.request(case.method, base_url + case.path, content=content, headers=headers)
     except Exception as exc:  # the connection was closed without an answer
         return 0, f"{type(exc).__name__}: {exc}"[:300]
-    return response.status_code, response.text[:300]
+    text = response.text
+    if response.headers.get("content-type", "").startswith("text/event-stream") and 'data: {"error"' in text:
+        text = text[text.index('data: {"error"') :]
+    return response.status_code, text[:300]
 
 
 def _send_raw(base_url: str, raw: bytes) -> tuple[int, str]:
@@ -276,6 +280,8 @@ def run(base_url: str, cases: list[Case], *, clients: int = 4, budget: float = 6
     statuses: Counter[int] = Counter()
     by_category: dict[str, Counter[int]] = {}
     errors: list[dict[str, Any]] = []
+    stream_errors: Counter[str] = Counter()  # error events inside a 200 stream, by code
+    no_answer: list[dict[str, str]] = []
     lock = threading.Lock()
     local = threading.local()
 
@@ -288,6 +294,10 @@ def run(base_url: str, cases: list[Case], *, clients: int = 4, budget: float = 6
         with lock:
             statuses[status] += 1
             by_category.setdefault(case.category, Counter())[status] += 1
+            if status == 200 and text.startswith('data: {"error"'):
+                stream_errors[f'{case.category}: {json.loads(text[6:].split(chr(10), 1)[0])["error"]["code"]}'] += 1
+            if status == 0 and len(no_answer) < 10:
+                no_answer.append({"category": case.category, "why": text})
             if status >= 500:
                 errors.append({"category": case.category, "path": case.path, "status": status,
                                "body": (case.raw or case.body)[:300].decode("utf-8", "backslashreplace"), "answer": text})
@@ -302,7 +312,9 @@ def run(base_url: str, cases: list[Case], *, clients: int = 4, budget: float = 6
         "status_counts": {str(k): v for k, v in sorted(statuses.items())},
         "server_errors": sum(v for k, v in statuses.items() if k >= 500),
         "by_category": {c: {str(k): v for k, v in sorted(n.items())} for c, n in sorted(by_category.items())},
+        "stream_error_events": dict(stream_errors),
         "errors": errors,
+        "no_answer_examples": no_answer,
     }
 
 
@@ -353,6 +365,7 @@ def main() -> None:
     print(f"{'category':<34} {'sent':>5}  statuses")
     for category, counts in report["by_category"].items():
         print(f"{category[:34]:<34} {sum(counts.values()):>5}  " + ", ".join(f"{k}×{v}" for k, v in counts.items())[:38])
+    print(f"error events inside 200 streams: {report['stream_error_events'] or 'none'}")
     print(f"sent {report['sent']} in {report['seconds']} s; answers ≥ 500: {report['server_errors']}; "
           f"healthy after: {report['healthy_after']}; engine resets: {report['engine_resets']}")
     for error in report["errors"][:10]:

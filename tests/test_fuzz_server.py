@@ -49,6 +49,7 @@ def test_no_answer_is_a_server_error(fuzzed):
     server, report = fuzzed
     errors = [e for e in report["errors"] if e["category"] != WEIGHTS]
     assert not errors, errors
+    assert not [k for k in report["stream_error_events"] if not k.startswith(WEIGHTS)]  # nor an error event in a stream
     assert server.health()["stats"]["engine_resets"] == 0
     assert httpx.post(server.url + "/v1/chat/completions", json=OK_BODY, timeout=30).status_code == 200
 
@@ -57,3 +58,4 @@ def test_no_answer_is_a_server_error(fuzzed):
 def test_extreme_weights_are_no_server_error(fuzzed):
     _, report = fuzzed
     assert not [e for e in report["errors"] if e["category"] == WEIGHTS]
+    assert not report["stream_error_events"]

@@ -8,6 +8,12 @@ part holds (weights, the fast path's packed copies), and the peak (``VmHWM``).
 
     python benchmarks/server_memory.py                  # embedded SmolLM2-135M, fast path
     python benchmarks/server_memory.py --no-fast        # plain fp32 transformers
+    python benchmarks/server_memory.py --model DIR      # e.g. a private copy of the converted model
+
+A file-mapped weight page counts in the RSS of every process that maps it, but the
+fast path can hand it back only where no other process maps it (``MADV_PAGEOUT``
+skips shared pages): on a machine where other processes run the embedded model, pass
+a private copy of its converted directory to see what a lone server holds.
 
 Writes ``benchmarks/results/server_memory.json`` (``--out``).
 """
@@ -152,15 +158,21 @@ def main() -> None:
             return sum(1 for line in response.iter_lines() if line.startswith("data: "))
 
     ask(0)
+    time.sleep(1.0)  # the scheduler trims the heap once the engine is idle
     record("after 1 request")
     with ThreadPoolExecutor(args.clients) as pool:
         list(pool.map(ask, range(args.clients)))
+    time.sleep(1.0)
     record(f"after {args.clients} concurrent requests")
     peak = status("VmHWM")
+    config = aligner.model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token_row = 2 * config.num_hidden_layers * heads * head_dim * 4  # keys and values, fp32
     server.should_exit = True
     thread.join(timeout=30)
 
-    print(f"peak RSS (VmHWM): {peak / MB:.1f} MB")
+    print(f"peak RSS (VmHWM): {peak / MB:.1f} MB; KV cache: {kv_per_token_row / 1024:.1f} KiB per token per row")
     payload = {
         "benchmark": "server_memory",
         "model": args.model or "embedded SmolLM2-135M-Instruct",
@@ -169,6 +181,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "steps": steps,
         "peak_rss_mb": round(peak / MB, 1),
+        "kv_cache_bytes_per_token_per_row": kv_per_token_row,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "machine": platform.machine(),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -261,6 +262,7 @@ class Engine:
         #: finishes (Ctrl-C, any BaseException, even during the reset that follows), the
         #: next use of the engine resets it first.
         self._consistent = True
+        self._changing_thread: int | None = None  # the thread that set ``_consistent`` False
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -327,16 +329,29 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every queued, running and finished request (e.g. after a failed step)."""
-        self._consistent = False
+        self._begin_change()
         self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
         self._consistent = True
 
+    def _begin_change(self) -> None:
+        """Mark the rows and runners as being changed by this thread (see ``_consistent``)."""
+        self._changing_thread = threading.get_ident()
+        self._consistent = False
+
     def _repair(self) -> None:
-        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``)."""
-        if not self._consistent:
-            log.warning("the last engine step was interrupted; its requests were dropped")
-            self.reset()
+        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``).
+
+        Another thread's step still in progress (the server's scheduler thread, read by a
+        request handler asking ``num_active``) is no interruption: it is left alone.
+        """
+        if self._consistent:
+            return
+        changing = self._changing_thread
+        if changing != threading.get_ident() and any(t.ident == changing for t in threading.enumerate()):
+            return
+        log.warning("the last engine step was interrupted; its requests were dropped")
+        self.reset()
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`PrefalignError` if the engine cannot run ``request`` as given."""
@@ -381,7 +396,7 @@ class Engine:
         """Let cancelled requests leave now (their rows, their runners' memory), not at the next step."""
         self._repair()
         if self._cancelled:
-            self._consistent = False
+            self._begin_change()
             try:
                 self._drop_cancelled()
             except BaseException:
@@ -403,7 +418,7 @@ class Engine:
         """
         deltas: list[Delta] = []
         self._repair()
-        self._consistent = False
+        self._begin_change()
         try:
             self._drop_cancelled()
             models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step

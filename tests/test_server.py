@@ -178,7 +178,7 @@ def test_response_echoes_alignment_and_usage(client):
     )
     extra = out.model_extra
     assert extra["alignment"] == {"method": "amulet", "template": "default", "alpha": 1.5, "lam": 2.0, "eta": 10.0,
-                                  "iterations": 60, "exact": False, "plausibility": 0.0, "kl_budget": 0.5}
+                                  "iterations": 60, "exact": False, "plausibility": 0.0, "kl_budget": 0.5, "repeat_ngram": 3}
     assert extra["preference"][0]["name"] == "concise"
     usage = out.usage.model_dump(exclude_none=True)
     assert usage["forward_passes"] == 4 and usage["context_tokens"] > usage["prompt_tokens"] > 0

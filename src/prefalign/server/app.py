@@ -437,6 +437,7 @@ def create_app(
     max_prompt_tokens: int = 8192,
     prefill_chunk: int | None = None,
     body_timeout: float = 30.0,
+    scheduler: Any = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
 
@@ -450,6 +451,12 @@ def create_app(
     accepted (and the default for chat). ``max_body_bytes``: larger bodies get 413.
     ``default_method``: used when a request gives a preference but no method (no
     preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+
+    ``scheduler``: where requests run, in place of a :class:`Scheduler` on
+    ``aligner.engine``: anything with its ``start``/``stop``/``submit``/``cancel``/``load``
+    and ``stats``, whose jobs have ``ready``/``next_event``, plus an async ``health()``.
+    :mod:`prefalign.server.ray_serve` passes one that sends each validated request to a
+    Ray Serve replica; ``aligner`` then only needs to render and check requests.
     """
     make_method(default_method)  # fail at startup, not on the first request
     if prefill_chunk is not None:
@@ -467,7 +474,8 @@ def create_app(
         max_prompt_tokens=max_prompt_tokens,
         body_timeout=body_timeout,
     )
-    scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
+    if scheduler is None:
+        scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
     # Rendering and tokenising (and a first PAD request's PRM load) run here, off the
     # event loop; one worker, because a tokenizer is not safe to share between threads.
     preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefalign-prepare")
@@ -589,6 +597,7 @@ def create_app(
     async def answer(request: Request, prepared: Prepared, *, chat: bool) -> Response:
         shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared)
         job = submit(prepared)
+        await job.ready()  # a remote replica may still refuse it: an error before any byte is sent
         if prepared.stream:
             return _SSEResponse(_stream(job, shape), on_close=lambda: scheduler.cancel(job))
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
@@ -689,6 +698,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and load; unauthenticated so that probes need no key."""
+        if not isinstance(scheduler, Scheduler):  # replicas elsewhere report themselves
+            return {"model": config.model_id, **await scheduler.health()}
         return {
             "status": "ok",
             "model": config.model_id,

@@ -328,14 +328,16 @@ def test_stopping_the_server_leaves_no_ray_process(cluster):
 
 
 @ray_test
-def test_cli_replicas_stop_on_sigterm_without_leftovers():
+def test_cli_replicas_stop_on_sigterm_without_leftovers(tmp_path):
     """`prefalign serve --replicas 1` as users run it: up, answering, then SIGTERM: all gone."""
     import psutil
 
     port = free_port()
     command = [sys.executable, "-c", "from prefalign.cli import app; app()", "serve", "--replicas", "1", "--port", str(port)]
-    proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=sink)
     parent = psutil.Process(proc.pid)
     try:
         def up() -> bool:
@@ -344,7 +346,8 @@ def test_cli_replicas_stop_on_sigterm_without_leftovers():
             except (httpx.TransportError, ValueError):
                 return False
 
-        assert wait_until(up, 240), "the server did not come up"
+        # Up, and started (the "serving ..." line comes once the command waits for a signal).
+        assert wait_until(lambda: "serving " in log.read_text() and up(), 240), log.read_text()[-2000:]
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
         processes = ray_descendants(parent)

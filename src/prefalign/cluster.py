@@ -14,6 +14,8 @@ created on it is removed. Ray is imported here, never at prefalign's import time
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,7 +79,16 @@ def ray_cluster(address: str | None = None, *, num_cpus: float | None = None, nu
         ray.init(**kwargs)
     except ConnectionError as exc:
         raise PrefalignError(f"cannot reach the Ray cluster at {address!r}: {exc}", field="ray_address") from exc
+    # Ray's driver aborts on SIGTERM (its own handler), leaving the local Ray's processes
+    # behind: make SIGTERM a KeyboardInterrupt, so the command stops as on Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         yield RayCluster(address, started_here=not address)
     finally:
         ray.shutdown()  # a joined cluster: only disconnects
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -470,12 +469,10 @@ def serve_on_ray(load: dict[str, Any], settings: dict[str, Any], options: Replic
 
 
 def wait_for_signal() -> None:
-    """Block until Ctrl-C or SIGTERM."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    """Block until Ctrl-C or SIGTERM (which :func:`~prefalign.cluster.ray_cluster` turns
+    into a KeyboardInterrupt)."""
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)

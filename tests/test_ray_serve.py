@@ -78,6 +78,30 @@ print(sorted(name for name in sys.modules if name == "ray" or name.startswith("r
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_cluster_options_need_replicas():
+    from typer.testing import CliRunner
+
+    from prefalign.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--ray-address", "auto"])
+    assert result.exit_code == 2 and "need --replicas N" in result.output
+
+
+@needs_ray
+def test_replica_options_become_ray_serve_settings():
+    from prefalign.errors import PrefalignError
+    from prefalign.server.ray_serve import ReplicaOptions
+
+    assert ReplicaOptions(replicas=3).scaling() == {"num_replicas": 3}
+    scaled = ReplicaOptions(replicas=2, max_replicas=4, target_ongoing_requests=6).scaling()
+    assert scaled == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2, "target_ongoing_requests": 6}}
+    for bad, field in [(dict(replicas=1, min_replicas=3, max_replicas=2), "min_replicas"), (dict(replicas=5, max_replicas=4), "replicas"),
+                       (dict(replicas=1, target_ongoing_requests=0), "target_ongoing_requests")]:
+        with pytest.raises(PrefalignError) as info:
+            ReplicaOptions(**bad)
+        assert info.value.field == field
+
+
 # --- a local Ray Serve with two replicas, and the single-process reference ------------------
 
 

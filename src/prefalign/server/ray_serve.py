@@ -261,8 +261,9 @@ class _RayJob:
         if item[0] == "accepted":
             self.replica = item[1]
             return
-        self._finish()
-        raise self._error(item)
+        error = self._error(item)
+        self._finish(rejected=error.status == 429, failed=error.status != 429)
+        raise error
 
     async def next_event(self) -> Any:
         while not self._events:
@@ -301,11 +302,11 @@ class _RayJob:
         _, status, message, param, code, headers = item
         return APIError(status, message, param=param, code=code, headers=headers)
 
-    def _finish(self, *, failed: bool = False, tokens: int = 0) -> None:
+    def _finish(self, *, failed: bool = False, rejected: bool = False, tokens: int = 0) -> None:
         if self.finished:
             return
         self.finished = True
-        self._owner._done(self, failed=failed, tokens=tokens)
+        self._owner._done(self, failed=failed, rejected=rejected, tokens=tokens)
 
     def cancel(self) -> None:
         if self.finished or self.cancelled:
@@ -347,10 +348,11 @@ class RayScheduler:
     def cancel(self, job: _RayJob) -> None:
         job.cancel()
 
-    def _done(self, job: _RayJob, *, failed: bool = False, cancelled: bool = False, tokens: int = 0) -> None:
+    def _done(self, job: _RayJob, *, failed: bool = False, rejected: bool = False, cancelled: bool = False, tokens: int = 0) -> None:
         self._jobs.discard(job)
-        if cancelled:
-            self.stats.cancelled += 1
+        if cancelled or rejected:
+            self.stats.cancelled += cancelled
+            self.stats.rejected += rejected
             return
         self.stats.completed += 1
         self.stats.completion_tokens += tokens

@@ -191,8 +191,7 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Ray Serve's periodic probe: a replica whose scheduler thread died is restarted."""
-        thread = self.scheduler._thread
-        if thread is None or not thread.is_alive():
+        if not self.scheduler.is_alive():
             raise RuntimeError("the scheduler thread is not running")
 
     def __del__(self) -> None:

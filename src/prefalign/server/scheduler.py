@@ -206,6 +206,10 @@ class Scheduler:
                 log.warning("scheduler thread did not stop within %.0f s", timeout)
         self._thread = None
 
+    def is_alive(self) -> bool:
+        """Whether the scheduler thread is running (a replica's health check)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # -- called from request handlers -----------------------------------------------------
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> Job:

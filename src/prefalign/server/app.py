@@ -487,6 +487,7 @@ def create_app(
     prefill_chunk: int | None = None,
     body_timeout: float = 30.0,
     idle_stream_timeout: float | None = None,
+    scheduler: Any = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
 
@@ -503,6 +504,12 @@ def create_app(
     ``body_timeout``: seconds for a request body to arrive (408). ``idle_stream_timeout``:
     a stream whose writes have waited this long for the client to read is cancelled,
     freeing its batch slot (``None``: never).
+
+    ``scheduler``: where requests run, in place of a :class:`Scheduler` on
+    ``aligner.engine``: anything with its ``start``/``stop``/``submit``/``cancel``/``load``
+    and ``stats``, whose jobs have ``ready``/``next_event``, plus an async ``health()``.
+    :mod:`prefalign.server.ray_serve` passes one that sends each validated request to a
+    Ray Serve replica; ``aligner`` then only needs to render and check requests.
     """
     make_method(default_method)  # fail at startup, not on the first request
     if prefill_chunk is not None:
@@ -521,7 +528,8 @@ def create_app(
         body_timeout=body_timeout,
         idle_stream_timeout=idle_stream_timeout,
     )
-    scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
+    if scheduler is None:
+        scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
     # Rendering and tokenising (and a first PAD request's PRM load) run here, off the
     # event loop; one worker, because a tokenizer is not safe to share between threads.
     preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefalign-prepare")
@@ -650,6 +658,7 @@ def create_app(
     async def answer(request: Request, prepared: Prepared, *, chat: bool) -> Response:
         shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared)
         job = submit(prepared)
+        await job.ready()  # a remote replica may still refuse it: an error before any byte is sent
         if prepared.stream:
             client = request.client.host if request.client else "?"
 
@@ -757,6 +766,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and load; unauthenticated so that probes need no key."""
+        if not isinstance(scheduler, Scheduler):  # replicas elsewhere report themselves
+            return {"model": config.model_id, **await scheduler.health()}
         return {
             "status": "ok",
             "model": config.model_id,

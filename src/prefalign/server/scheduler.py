@@ -126,9 +126,20 @@ class Job:
             self.finished = True
         self._events.put_nowait(event)
 
+    async def ready(self) -> None:
+        """Return once the request is accepted: at once here, where ``submit`` accepted it
+        (a job run by a remote replica waits for the replica's word)."""
+
     async def next_event(self) -> Event:
         """Wait for the next event."""
         return await self._events.get()
+
+    async def next_events(self) -> list[Event]:
+        """Wait for the next event and take the ones already delivered behind it."""
+        events = [await self._events.get()]
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
 
 
 @dataclass
@@ -214,6 +225,10 @@ class Scheduler:
             if self._thread.is_alive():
                 log.warning("scheduler thread did not stop within %.0f s", timeout)
         self._thread = None
+
+    def is_alive(self) -> bool:
+        """Whether the scheduler thread is running (a replica's health check)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # -- called from request handlers -----------------------------------------------------
 

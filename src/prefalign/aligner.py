@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
+from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, TokenLogprob, Usage
 from .errors import ContextLengthError, PrefalignError
 from .methods import POLICY, PRM, Method, make_method
 from .models import EMBEDDED_DISPLAY_NAME, load_model, prepare_tokenizer
@@ -38,6 +38,10 @@ class StreamEvent:
     usage: Usage | None = None
     #: Why the request failed, when ``finish_reason == "error"``.
     error: str | None = None
+    #: Per token of ``token_ids`` when ``logprobs=True`` was asked (else None).
+    logprobs: list[TokenLogprob] | None = None
+    #: Which of the prompt's ``n`` answers this piece belongs to.
+    choice: int = 0
 
 
 def _is_single_prompt(prompts: Any) -> bool:
@@ -214,6 +218,9 @@ class Aligner:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        n: int | None = None,
         **method_params: Any,
     ) -> GenerationRequest:
         """Validate one prompt's arguments and render its contexts into an engine request.
@@ -222,10 +229,11 @@ class Aligner:
         names (``max_new_tokens``, ``temperature``, ...), which override ``sampling``'s;
         the remaining keywords are the method's parameters. ``max_new_tokens=None`` with
         no ``sampling``: 128. Each setting is checked once, by the object that holds it.
+        A request for ``n`` > 1 answers is run as ``request.split_choices()``.
         """
         rule = make_method(method, **method_params)
         given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     seed=seed, stop=stop, ignore_eos=ignore_eos)
+                     seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs, n=n)
         decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
         preferences = parse_preferences(preference)
         if rule.needs_preference and not preferences:
@@ -286,25 +294,35 @@ class Aligner:
         ``prompts`` is a string, a chat (list of ``{role, content}``) or a list of these.
         ``preference`` is a preset name, a sentence, or a list of ``(text, weight)``.
         ``kwargs``: ``max_new_tokens``, ``template``, ``temperature``, ``top_p``, ``top_k``,
-        ``seed``, ``stop``, ``ignore_eos`` and the method's parameters (e.g. ``alpha``).
+        ``seed``, ``stop``, ``ignore_eos``, ``logprobs``, ``top_logprobs``, ``n`` and the
+        method's parameters (e.g. ``alpha``).
+
+        ``logprobs=True``: each result's ``logprobs`` holds, per token, its log-probability
+        under the method's final scores (``top_logprobs``: and the best alternatives).
+        ``n`` > 1: n answers per prompt, returned prompt by prompt (``len(prompts) × n``
+        results; ``result.choice`` is i); answer i samples with seed ``seed + i``, so it
+        equals a single call with that seed, and the n answers share the prompt's prefill.
         """
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:
             raise PrefalignError("no prompts given", field="prompt")
-        requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
+        requests = [choice for p in batch for choice in self.build_request(p, preference, method, **kwargs).split_choices()]
         return self.engine.generate(requests)
 
     def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method = "amulet", **kwargs: Any) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, but yields text deltas as tokens are chosen."""
+        """Like :meth:`generate`, but yields text deltas as tokens are chosen
+        (``event.index``: the prompt; ``event.choice``: which of its ``n`` answers)."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
-        requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
-        index = {r.request_id: i for i, r in enumerate(requests)}
+        built = [self.build_request(p, preference, method, **kwargs).split_choices() for p in batch]
+        requests = [r for choices in built for r in choices]
+        index = {r.request_id: (i, r.choice) for i, choices in enumerate(built) for r in choices}
         # The session cancels whatever is unfinished when the consumer stops early (break, Ctrl-C).
         with self.engine.session(requests) as session:
             for event in session:
                 delta, result = event.delta, event.result
                 usage, error = (result.usage, result.error) if result else (None, None)
-                yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage, error)
+                prompt, choice = index[delta.request_id]
+                yield StreamEvent(prompt, delta.text, delta.token_ids, delta.finish_reason, usage, error, delta.logprobs, choice)
 
 
 def _apply_fast_path(model: Any, mode: bool | str) -> Any:

@@ -253,8 +253,8 @@ BAD_BODIES = [
     ("cost limit", {"alignment": {"method": "beam", "width": 64}, "preference": "concise"}, 400, "alignment.width"),
     ("negative weight", {"preference": [{"text": "Be brief.", "weight": -1}]}, 400, "preference"),
     ("beam with sampling", {"alignment": {"method": "beam", "width": 2}, "preference": "concise", "temperature": 0.5}, 400, "temperature"),
-    ("n", {"n": 2}, 400, "n"),
-    ("unsupported feature", {"logprobs": True}, 400, "logprobs"),
+    ("n", {"n": 0}, 400, "n"),
+    ("unsupported feature", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("unknown model", {"model": "gpt-4o"}, 404, "model"),
 ]
 

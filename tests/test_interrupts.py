@@ -314,3 +314,40 @@ def test_sigint_stops_prefalign_serve_cleanly_mid_stream(tiny_llama, tokenizer, 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_step_running_in_another_thread_is_not_taken_for_an_interrupted_one(tiny_llama, tokenizer):
+    """The server's handlers read the engine (``num_active``) while its scheduler thread
+    steps: a step in progress elsewhere must not be "repaired" (reset) under its feet."""
+    import threading
+
+    from prefalign.decoding.sampling import SamplingParams
+    from prefalign.engine import Engine, GenerationRequest
+    from prefalign.methods import make_method
+
+    engine = Engine(tiny_llama, tokenizer)
+    request = GenerationRequest(
+        contexts=[("policy", tokenizer.encode("Hello there"))], method=make_method("base"),
+        sampling=SamplingParams(max_new_tokens=4, ignore_eos=True),
+    )
+    engine.add(request)
+    inside, release = threading.Event(), threading.Event()
+    original = engine._decode
+
+    def slow_decode(*args, **kwargs):
+        inside.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    engine._decode = slow_decode
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    assert inside.wait(10)
+    assert engine.num_active == 0 and engine.holds(request.request_id)  # read from this thread, mid-step
+    release.set()
+    stepper.join(10)
+    engine._decode = original
+    while engine.has_work:
+        engine.step()
+    result = engine.pop_result(request.request_id)
+    assert result is not None and result.finish_reason == "length" and len(result.token_ids) == 4

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prefalign import Aligner, SamplingParams
+from prefalign.decoding.repetition import Histories, TokenHistory
 from prefalign.errors import PrefalignError
 
 PROMPT = "How do I boil an egg?"
@@ -28,7 +29,10 @@ def direct_logprobs(al: Aligner, request, tokens: list[int]) -> list[torch.Tenso
             model = al.engine.models[model_key]
             logits = model(input_ids=torch.tensor([ids + tokens[:t]])).logits[:, -1].float()
             per_context.append(torch.log_softmax(logits, dim=-1))
-        scores = request.method.score(torch.stack(per_context, dim=1), weights)[0]
+        history = None
+        if getattr(request.method, "uses_history", False):  # e.g. the safeguard's repetition guard
+            history = Histories([TokenHistory(request.contexts[request.primary][1], tokens[:t])])
+        scores = request.method.score(torch.stack(per_context, dim=1), weights, history=history)[0]
         out.append(torch.log_softmax(scores.masked_fill(scores.isnan(), float("-inf")), dim=-1))
     return out
 

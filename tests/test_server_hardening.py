@@ -85,7 +85,7 @@ DOOR = [
     ("no content type", OK_BODY, None, 415, None, "unsupported_media_type"),
     ("text over the character cap", {"messages": [{"role": "user", "content": "a" * 5000}]}, "application/json", 400, "messages", "context_length_exceeded"),
     ("prompt over the token cap", {"messages": [{"role": "user", "content": "word " * 400}]}, "application/json", 400, "messages", "context_length_exceeded"),
-    ("prompt over the cap counted over contexts", {"messages": [{"role": "user", "content": "word " * 160}], "preference": "concise"}, "application/json", 400, "messages", "context_length_exceeded"),
+    ("prompt over the cap counted over contexts", {"messages": [{"role": "user", "content": "word " * 160}], "preference": "concise", "alignment": {"method": "amulet"}}, "application/json", 400, "messages", "context_length_exceeded"),
 ]
 
 

@@ -23,8 +23,10 @@ One step (see docs/architecture.md):
    last position's log-softmax of each row is gathered per request into a
    ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
    scores. Requests sharing a method and weights are combined in one call.
-3. Each request's strategy turns its scores into tokens; the token is appended to all K
-   contexts of its track; EOS, stop strings and ``max_new_tokens`` end a request.
+3. The repetition controls of the requests that set them (:mod:`prefalign.decoding.repetition`,
+   one batched op over their rows) adjust the scores; each request's strategy turns
+   its scores into tokens; the token is appended to all K contexts of its track (and
+   to its history, if it keeps one); EOS, stop strings and ``max_new_tokens`` end a request.
 4. Finished rows leave the batch and beam tracks follow their parents — one row
    selection on every runner.
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -48,6 +51,7 @@ from typing import Any
 import torch
 
 from .decoding import BeamSearch, BeamState, Greedy, SearchStrategy, StopStrings, make_generator, strategy_for
+from .decoding.repetition import Histories, TokenHistory, apply_repetition_controls
 from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams  # noqa: F401 - re-exported: they lived here
 from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
@@ -199,6 +203,8 @@ class _Track:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
+    #: Kept only for requests with repetition controls or a method that reads the answer.
+    history: TokenHistory | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, if the request asked
 
 
@@ -307,6 +313,7 @@ class Engine:
         #: finishes (Ctrl-C, any BaseException, even during the reset that follows), the
         #: next use of the engine resets it first.
         self._consistent = True
+        self._changing_thread: int | None = None  # the thread that set ``_consistent`` False
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -373,16 +380,29 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every queued, running and finished request (e.g. after a failed step)."""
-        self._consistent = False
+        self._begin_change()
         self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
         self._consistent = True
 
+    def _begin_change(self) -> None:
+        """Mark the rows and runners as being changed by this thread (see ``_consistent``)."""
+        self._changing_thread = threading.get_ident()
+        self._consistent = False
+
     def _repair(self) -> None:
-        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``)."""
-        if not self._consistent:
-            log.warning("the last engine step was interrupted; its requests were dropped")
-            self.reset()
+        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``).
+
+        Another thread's step still in progress (the server's scheduler thread, read by a
+        request handler asking ``num_active``) is no interruption: it is left alone.
+        """
+        if self._consistent:
+            return
+        changing = self._changing_thread
+        if changing != threading.get_ident() and any(t.ident == changing for t in threading.enumerate()):
+            return
+        log.warning("the last engine step was interrupted; its requests were dropped")
+        self.reset()
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`PrefalignError` if the engine cannot run ``request`` as given."""
@@ -431,7 +451,7 @@ class Engine:
         """Let cancelled requests leave now (their rows, their runners' memory), not at the next step."""
         self._repair()
         if self._cancelled:
-            self._consistent = False
+            self._begin_change()
             try:
                 self._drop_cancelled()
             except BaseException:
@@ -453,7 +473,7 @@ class Engine:
         """
         deltas: list[Delta] = []
         self._repair()
-        self._consistent = False
+        self._begin_change()
         try:
             self._drop_cancelled()
             models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
@@ -598,9 +618,12 @@ class Engine:
 
     def _start(self, request: GenerationRequest) -> _Active:
         strategy = request.strategy
+        history = None
+        if request.sampling.penalizes or getattr(request.method, "uses_history", False):
+            history = TokenHistory(request.contexts[request.primary][1])
         return _Active(
             request=request,
-            tracks=[_Track()],
+            tracks=[_Track(history=history)],
             usage=Usage.of_contexts(request.contexts, request.primary),
             strategy=strategy,
             generator=make_generator(request.sampling.seed, self._device(POLICY)),
@@ -639,6 +662,9 @@ class Engine:
             # A group's fault (its method's combine, say) fails its requests, no one else's.
             try:
                 scores = self._group_scores(method, weights, members, logprobs, row_index)
+                if any(a.request.sampling.penalizes for a in members):
+                    settings = [a.request.sampling for a in members for _ in a.tracks]
+                    scores = apply_repetition_controls(scores, settings, [t.history for a in members for t in a.tracks])
             except Exception as exc:
                 for active in members:
                     self._fail(active, f"{method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
@@ -680,7 +706,12 @@ class Engine:
             idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
             blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
         stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
-        scores = method.score(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
+        weights_t = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        if getattr(method, "uses_history", False):
+            history = Histories([t.history for a in members for t in a.tracks])
+            scores = method.score(stacked, weights_t, history=history)
+        else:
+            scores = method.score(stacked, weights_t)
         # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
         return scores.masked_fill(scores.isnan(), _NEG_INF)
 
@@ -713,6 +744,8 @@ class Engine:
             self._finish(active, "stop", deltas, track, new_tokens=[])
             return
         track.tokens.append(token)
+        if track.history is not None:
+            track.history.push(token)
         if logprob is not None:
             track.logprobs.append(logprob)
         active.usage.completion_tokens = len(track.tokens)
@@ -775,7 +808,11 @@ class Engine:
             best = _Track(tokens=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True))
             self._finish(active, reason, deltas, best, new_tokens=tokens)
             return
-        active.tracks = [_Track(tokens=h.tokens, score=h.score, parent=h.parent) for h in step.running]
+        old = active.tracks
+        active.tracks = [
+            _Track(tokens=h.tokens, score=h.score, parent=h.parent, history=None if (p := old[h.parent].history) is None else p.child(h.tokens[-1]))
+            for h in step.running
+        ]
 
     # -- row bookkeeping --------------------------------------------------------------
 

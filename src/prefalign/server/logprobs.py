@@ -1,8 +1,8 @@
 """OpenAI's ``logprobs`` objects from the engine's per-token log-probabilities.
 
 The numbers are the log-probabilities of the request's *method*: the log-softmax of the
-scores its ``combine`` returned (for ``base``: the model's own distribution), before
-temperature, top-k and top-p, as in vLLM. Shapes:
+scores its ``combine`` returned, after the repetition controls (for ``base``: the
+model's own distribution), before temperature, top-k and top-p, as in vLLM. Shapes:
 
 * chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
   "bytes"}]}], "refusal": null}``;

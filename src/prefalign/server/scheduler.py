@@ -100,7 +100,9 @@ class Job:
     cancelled by its client gets no terminal event: nobody is listening.
     """
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> None:
+    def __init__(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool, events: asyncio.Queue[Event] | None = None
+    ) -> None:
         self.request = request
         self.stream = stream
         self.submitted_at = time.perf_counter()
@@ -108,7 +110,8 @@ class Job:
         self.finished = False  # a terminal event was posted (read on the loop thread)
         self.cancelled = False
         self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        # The n answers of one HTTP request share one queue (Scheduler.submit_all).
+        self._events: asyncio.Queue[Event] = events if events is not None else asyncio.Queue()
 
     @property
     def id(self) -> str:
@@ -234,23 +237,31 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> Job:
         """Queue ``request``; raises :class:`QueueFullError` when the queue is full."""
-        job = Job(request, loop, stream=stream)
+        return self.submit_all([request], loop, stream=stream)[0]
+
+    def submit_all(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop, *, stream: bool) -> list[Job]:
+        """Queue ``requests`` together (all or none: :class:`QueueFullError`), e.g. the ``n``
+        answers of one request (``GenerationRequest.split_choices``). Their events arrive on
+        one queue, read with any of the jobs' :meth:`Job.next_event`; admitted together,
+        they share one prefill when a batch slot is free for each."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        jobs = [Job(request, loop, stream=stream, events=events) for request in requests]
         with self._lock:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down")
             # Free batch slots are filled at once, so they count as capacity too.
             capacity = self.max_batch + self.max_queue
-            if len(self._running) + len(self._waiting) >= capacity:
+            if len(self._running) + len(self._waiting) + len(jobs) > capacity:
                 self.stats.rejected += 1
                 raise QueueFullError(
                     f"the server is busy: {len(self._running)} requests running and {len(self._waiting)} "
                     f"queued (max_batch={self.max_batch}, max_queue={self.max_queue}); retry later",
                     self._retry_after_locked(),
                 )
-            self._waiting.append(job)
-            self.stats.submitted += 1
+            self._waiting.extend(jobs)
+            self.stats.submitted += len(jobs)
             self._wake.set()
-        return job
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Drop ``job`` (client went away). Safe to call twice or after it finished."""

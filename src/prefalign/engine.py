@@ -23,8 +23,10 @@ One step (see docs/architecture.md):
    last position's log-softmax of each row is gathered per request into a
    ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
    scores. Requests sharing a method and weights are combined in one call.
-3. Each request's strategy turns its scores into tokens; the token is appended to all K
-   contexts of its track; EOS, stop strings and ``max_new_tokens`` end a request.
+3. The repetition controls of the requests that set them (:mod:`prefalign.decoding.repetition`,
+   one batched op over their rows) adjust the scores; each request's strategy turns
+   its scores into tokens; the token is appended to all K contexts of its track (and
+   to its history, if it keeps one); EOS, stop strings and ``max_new_tokens`` end a request.
 4. Finished rows leave the batch and beam tracks follow their parents — one row
    selection on every runner.
 
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 
 from .decoding import BeamSearch, BeamState, Greedy, SearchStrategy, StopStrings, make_generator, strategy_for
+from .decoding.repetition import Histories, TokenHistory, apply_repetition_controls
 from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams  # noqa: F401 - re-exported: they lived here
 from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
@@ -57,6 +60,7 @@ from .streaming import Session
 from .usage import Usage
 
 _NEG_INF = float("-inf")
+_SMALLEST = 5e-324  # the smallest positive float64
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +86,7 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         # Preferences parsed by prefalign.prompts are already checked; a request built by
         # hand is checked here, where the weights are held.
-        if not self.weights or any(not math.isfinite(w) or w <= 0 for w in self.weights) or not math.isfinite(sum(self.weights)):
-            raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
+        self.weights = normalise_weights(self.weights)
 
     @property
     def max_new_tokens(self) -> int:
@@ -131,6 +134,27 @@ class GenerationResult:
     error: str | None = None
 
 
+def normalise_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Preference weights scaled by a power of two so that the largest lies in [1, 2).
+
+    Any finite positive weights are valid, from subnormals to 1e308; only their ratios
+    count (methods use the shares ``w / w.sum()``). Scaled once here, in float64 before
+    the engine casts them to the scores' float32, they can neither overflow (``1e300``
+    and ``1`` become about ``1`` and ``1e-300``) nor all round to zero, so no method's
+    weighted mean turns into NaN. A power of two scales exactly: weights that fit
+    float32 give bit-identical shares (and weights whose largest is in [1, 2) are kept
+    as given). A weight below float32's range after scaling becomes 0 there: that
+    preference counts for nothing, as its share (under 1e-38) already did.
+    """
+    if not weights or any(
+        not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0 for w in weights
+    ):
+        raise PrefalignError(f"preference weights must be finite numbers > 0, got {tuple(weights)!r}", field="preference")
+    exponent = math.frexp(max(float(w) for w in weights))[1] - 1  # largest = m · 2**exponent, 1 ≤ m < 2
+    # A ratio below float64's range would round to 0: keep it the smallest positive weight.
+    return tuple(math.ldexp(float(w), -exponent) or _SMALLEST for w in weights)
+
+
 # --- Internal state ----------------------------------------------------------------
 
 
@@ -143,6 +167,8 @@ class _Track:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
+    #: Kept only for requests with repetition controls or a method that reads the answer.
+    history: TokenHistory | None = None
 
 
 @dataclass
@@ -231,6 +257,10 @@ class Engine:
         self._states: dict[str, _ModelState] = {}
         self._results: dict[str, GenerationResult] = {}
         self._cancelled: set[str] = set()
+        #: False while a step (or a cancellation) changes the rows and runners: if it never
+        #: finishes (Ctrl-C, any BaseException, even during the reset that follows), the
+        #: next use of the engine resets it first.
+        self._consistent = True
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -262,17 +292,20 @@ class Engine:
     def add(self, request: GenerationRequest) -> str:
         """Queue a request; it joins the running batch at the next :meth:`step`."""
         self.validate(request)
+        self._repair()
         self._pending.append(request)
         return request.request_id
 
     def cancel(self, request_id: str) -> None:
         """Drop a request (queued, prefilling or running); its rows leave the batch at the next step."""
+        self._repair()
         self._pending = [r for r in self._pending if r.request_id != request_id]
         if request_id in self._active or self._is_prefilling(request_id):
             self._cancelled.add(request_id)
 
     @property
     def has_work(self) -> bool:
+        self._repair()
         return bool(self._pending or self._prefilling or self._active)
 
     def _is_prefilling(self, request_id: str) -> bool:
@@ -280,10 +313,12 @@ class Engine:
 
     def holds(self, request_id: str) -> bool:
         """Queued, prefilling or running (not finished, not dropped)."""
+        self._repair()
         return request_id in self._active or any(r.request_id == request_id for r in self._pending) or self._is_prefilling(request_id)
 
     @property
     def num_active(self) -> int:
+        self._repair()
         return len(self._active)
 
     def pop_result(self, request_id: str) -> GenerationResult | None:
@@ -292,8 +327,16 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every queued, running and finished request (e.g. after a failed step)."""
+        self._consistent = False
         self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
+        self._consistent = True
+
+    def _repair(self) -> None:
+        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``)."""
+        if not self._consistent:
+            log.warning("the last engine step was interrupted; its requests were dropped")
+            self.reset()
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`PrefalignError` if the engine cannot run ``request`` as given."""
@@ -336,8 +379,15 @@ class Engine:
     @torch.inference_mode()
     def apply_cancellations(self) -> None:
         """Let cancelled requests leave now (their rows, their runners' memory), not at the next step."""
+        self._repair()
         if self._cancelled:
-            self._drop_cancelled()
+            self._consistent = False
+            try:
+                self._drop_cancelled()
+            except BaseException:
+                self.reset()
+                raise
+            self._consistent = True
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
@@ -347,8 +397,13 @@ class Engine:
         A fault in one group of requests (its prefill, its method's ``combine``, its
         sampling) fails that group alone. A fault in the forward pass that every running
         request shares leaves no request in the engine (it is :meth:`reset`) and is raised.
+        So does any interruption of the step (``KeyboardInterrupt``, any ``BaseException``):
+        the requests it was advancing are dropped, the runners with them, and the next
+        call starts from an engine as good as new.
         """
         deltas: list[Delta] = []
+        self._repair()
+        self._consistent = False
         try:
             self._drop_cancelled()
             models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
@@ -357,17 +412,20 @@ class Engine:
                 self._prefilling.append(self._new_group([self._start(r) for r in self._pending], models, owner))
                 self._pending = []
             if not self._active and not self._prefilling:
+                self._consistent = True
                 return deltas
             logprobs = self._decode(models, owner)  # running rows: one forward per model
             self._prefill(models, logprobs, deltas)  # the next chunk; complete groups join the running rows
             row_index = self._row_index(owner, logprobs)
             self._choose_tokens(logprobs, row_index, deltas)  # method.combine, then each request's strategy
             self._reorder_rows()  # finished rows leave, beams follow their parents
-        except Exception:
-            # The shared pass failed (or a bug): the caches' state is unknown, so no
-            # request may continue on them. Callers (the scheduler, sessions) fail theirs.
+        except BaseException:
+            # The shared pass failed (or a bug), or the step was interrupted (Ctrl-C):
+            # the caches' state is unknown, so no request may continue on them. Callers
+            # (the scheduler, sessions) fail theirs.
             self.reset()
             raise
+        self._consistent = True
         return deltas
 
     def _decode(self, models: Mapping[str, Any], owner: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -485,9 +543,12 @@ class Engine:
 
     def _start(self, request: GenerationRequest) -> _Active:
         strategy = request.strategy
+        history = None
+        if request.sampling.penalizes or getattr(request.method, "uses_history", False):
+            history = TokenHistory(request.contexts[request.primary][1])
         return _Active(
             request=request,
-            tracks=[_Track()],
+            tracks=[_Track(history=history)],
             usage=Usage.of_contexts(request.contexts, request.primary),
             strategy=strategy,
             generator=make_generator(request.sampling.seed, self._device(POLICY)),
@@ -526,6 +587,9 @@ class Engine:
             # A group's fault (its method's combine, say) fails its requests, no one else's.
             try:
                 scores = self._group_scores(method, weights, members, logprobs, row_index)
+                if any(a.request.sampling.penalizes for a in members):
+                    settings = [a.request.sampling for a in members for _ in a.tracks]
+                    scores = apply_repetition_controls(scores, settings, [t.history for a in members for t in a.tracks])
             except Exception as exc:
                 for active in members:
                     self._fail(active, f"{method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
@@ -568,7 +632,12 @@ class Engine:
             idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
             blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
         stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
-        scores = method.score(stacked, torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))
+        weights_t = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        if getattr(method, "uses_history", False):
+            history = Histories([t.history for a in members for t in a.tracks])
+            scores = method.score(stacked, weights_t, history=history)
+        else:
+            scores = method.score(stacked, weights_t)
         # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
         return scores.masked_fill(scores.isnan(), _NEG_INF)
 
@@ -600,6 +669,8 @@ class Engine:
             self._finish(active, "stop", deltas, track, new_tokens=[])
             return
         track.tokens.append(token)
+        if track.history is not None:
+            track.history.push(token)
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
@@ -656,7 +727,11 @@ class Engine:
             best = _Track(tokens=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True))
             self._finish(active, reason, deltas, best, new_tokens=tokens)
             return
-        active.tracks = [_Track(tokens=h.tokens, score=h.score, parent=h.parent) for h in step.running]
+        old = active.tracks
+        active.tracks = [
+            _Track(tokens=h.tokens, score=h.score, parent=h.parent, history=None if (p := old[h.parent].history) is None else p.child(h.tokens[-1]))
+            for h in step.running
+        ]
 
     # -- row bookkeeping --------------------------------------------------------------
 

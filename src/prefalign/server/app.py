@@ -6,7 +6,9 @@ top level of the body so that the official client's ``extra_body`` reaches them:
 
 * ``preference``: a preset name, a sentence, or a list of ``{"text", "weight"}``;
 * ``alignment``: ``{"method": "amulet", "template": ..., ...method parameters}``;
-* ``top_k`` and ``ignore_eos`` (as in vLLM).
+* ``top_k``, ``ignore_eos``, ``repetition_penalty`` and ``no_repeat_ngram_size`` (as in
+  vLLM; the last two are transformers' repetition controls). OpenAI's
+  ``frequency_penalty`` and ``presence_penalty`` are applied with OpenAI's formula.
 
 Answers have OpenAI's shape plus ``alignment`` (the method, template and every
 parameter used, defaults filled in, so it can be sent back as is) and ``preference``
@@ -49,6 +51,7 @@ from ..engine import Delta, GenerationRequest, GenerationResult
 from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
 from ..prompts import parse_preferences
+from ..rules import DEFAULT_METHOD_WITH_PREFERENCE, choose_method
 from .errors import APIError
 from .scheduler import EngineFailure, Job, QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest, _GenerationBody
@@ -71,7 +74,7 @@ class ServerConfig:
     max_queue: int = 64
     max_tokens_cap: int = 1024
     max_body_bytes: int = 1_000_000
-    default_method: str = "amulet"
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE
     default_temperature: float = 1.0
     max_preferences: int = 8
     max_stop: int = 4
@@ -213,10 +216,9 @@ class _Translator:
         preference_arg: Any = body.preference
         if isinstance(preference_arg, list):
             preference_arg = [p if isinstance(p, str) else {"text": p.text, "weight": p.weight} for p in preference_arg]
-        method_name = alignment.method if alignment and alignment.method else None
-        if method_name is None:
-            # A preference alone asks for the server's default method; nothing asks for base.
-            method_name = config.default_method if preference_arg is not None else "base"
+        # No method: the rule of every face (pref with a preference, else base), with
+        # the server's --default-method in place of pref.
+        method_name = str(choose_method((alignment.method or None) if alignment else None, preference_arg, config.default_method))
 
         method_cls = METHODS.get(method_name.lower()) if isinstance(method_name, str) else None
         method_fields = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
@@ -268,6 +270,10 @@ class _Translator:
                 seed=body.seed,
                 stop=stop,
                 ignore_eos=bool(body.ignore_eos),
+                frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty,
+                repetition_penalty=body.repetition_penalty,
+                no_repeat_ngram_size=body.no_repeat_ngram_size,
             )
             if max_tokens is None:
                 # Unset: as much as the window and the cap allow (OpenAI's chat default),
@@ -474,7 +480,7 @@ def create_app(
     max_tokens_cap: int = 1024,
     max_body_bytes: int = 1_000_000,
     model_id: str | None = None,
-    default_method: str = "amulet",
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE,
     default_temperature: float = 1.0,
     max_preferences: int = 8,
     max_prompt_tokens: int = 8192,
@@ -492,8 +498,8 @@ def create_app(
     stays open). ``max_batch``: requests decoded together; ``max_queue``: requests
     waiting beyond that before 429. ``max_tokens_cap``: the largest ``max_tokens``
     accepted (and the default for chat). ``max_body_bytes``: larger bodies get 413.
-    ``default_method``: used when a request gives a preference but no method (no
-    preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    ``default_method``: used when a request gives a preference but no method (default
+    ``pref``, as on every face; no preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
     ``body_timeout``: seconds for a request body to arrive (408). ``idle_stream_timeout``:
     a stream whose writes have waited this long for the client to read is cancelled,
     freeing its batch slot (``None``: never).

@@ -6,7 +6,7 @@ Registered in the main CLI as ``app.command("serve")(serve)``.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -36,7 +36,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body; larger ones get 413.")] = 1_000_000,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Largest prompt, in tokens over all contexts of a request's method; larger ones get 400.")] = 8192,
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step between the decode steps of running streams (benchmarks/long_prompt.py).")] = 32,
-    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
+    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method (no preference: base).")] = "pref",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (1: measured no slower than 2 on a small CPU, and robust when it is shared).")] = 1,
@@ -94,4 +94,18 @@ def serve(
         max_connections=max_connections,
         max_connections_per_ip=max_connections_per_ip,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **uvicorn_settings(limits))
+    run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **uvicorn_settings(limits)))
+
+
+def run_server(app: Any, config: Any) -> None:
+    """Run ``app`` under uvicorn; Ctrl-C (SIGINT, SIGTERM) stops its scheduler first, so
+    running requests end at once with a ``server_shutting_down`` error (streams get it
+    as their last event) and the process exits 0 without waiting for them."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.scheduler.request_stop()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()

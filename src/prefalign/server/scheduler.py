@@ -195,11 +195,20 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="prefalign-scheduler", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking work, fail what is queued or running, and join the thread."""
+    def request_stop(self) -> None:
+        """Stop taking work; the thread fails what is queued or running and ends (no wait).
+
+        Safe from a signal handler: ``prefalign serve`` calls it on Ctrl-C, so that open
+        streams end at once (with a ``server_shutting_down`` error event) instead of
+        holding the shutdown until uvicorn cuts them.
+        """
         with self._lock:
             self._stopping = True
             self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work, fail what is queued or running, and join the thread."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -272,7 +281,11 @@ class Scheduler:
             was_busy = True
             try:
                 events = self.session.step()
-            except Exception as exc:  # a bug or resource error in the engine: recover
+            except BaseException as exc:
+                # A bug or resource error in the engine, or any interruption of its step
+                # (the engine has reset itself): fail the running jobs and keep serving.
+                # Only stop() ends this thread; a signal never reaches it (Python delivers
+                # them to the main thread, where uvicorn turns Ctrl-C into a shutdown).
                 self._recover(exc)
                 continue
             self.stats.steps += 1

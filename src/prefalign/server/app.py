@@ -823,7 +823,7 @@ def create_app(
             **scheduler.load(),
             "max_batch": config.max_batch,
             "max_queue": config.max_queue,
-            "engine_active": aligner.engine.num_active,
+            "engine_active": scheduler.engine_active,  # not engine.num_active: only the scheduler thread touches the engine
             "stats": asdict(scheduler.stats),
         }
 

@@ -187,6 +187,11 @@ class Scheduler:
         # Mean seconds a request spends in the engine, for Retry-After.
         self._service_seconds = 1.0
         self._session: Session | None = None
+        #: Requests running in the engine, as the scheduler thread last saw them. Other
+        #: threads read this, never the engine: Engine.num_active and has_work repair an
+        #: interrupted step, and doing that from another thread mid-step drops the running
+        #: requests behind the scheduler's back (their clients would wait forever).
+        self.engine_active = 0
 
     @property
     def engine(self) -> Engine:
@@ -302,6 +307,7 @@ class Scheduler:
                 if was_busy:
                     _trim_heap()  # the batch drained: give its freed KV caches back to the OS
                 was_busy = False
+                self.engine_active = 0
                 self._wake.wait(timeout=1.0)
                 continue
             was_busy = True
@@ -316,6 +322,7 @@ class Scheduler:
                 continue
             self.stats.steps += 1
             self._dispatch(events)
+            self.engine_active = self.engine.num_active
         self._shutdown()
 
     def _apply_cancels_locked(self) -> None:

@@ -23,6 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from prefalign import Aligner  # noqa: E402
 from prefalign.server import create_app  # noqa: E402
+from prefalign.server.transport import ConnectionLimits, uvicorn_settings  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -36,12 +37,13 @@ MAX_BODY = 64_000
 class LiveServer:
     """uvicorn in a thread on a free loopback port, the socket bound before start."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, limits: ConnectionLimits | None = None) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        # The connection limits of `prefalign serve` (its defaults unless given).
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, **uvicorn_settings(limits))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

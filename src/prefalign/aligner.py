@@ -230,6 +230,14 @@ class Aligner:
         contexts = self._contexts(chat, preferences, rule, template)
         window = self.context_window
         longest = max(len(ids) for _, ids in contexts)
+        if window and longest >= window:
+            # No room for even one new token: the prompt itself is the problem, not max_new_tokens.
+            raise ContextLengthError(
+                f"the prompt is {longest} tokens (its longest context, with the chat template); the model's "
+                f"context window is {window} tokens, which leaves no room for an answer: shorten the prompt "
+                f"to fewer than {window} tokens",
+                field="prompt",
+            )
         if window and longest + decoding.max_new_tokens > window:
             raise ContextLengthError(
                 f"prompt ({longest} tokens) + max_new_tokens ({decoding.max_new_tokens}) exceeds the model's context window "

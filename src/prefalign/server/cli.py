@@ -47,6 +47,12 @@ def serve(
         Optional[str],
         typer.Option(help="Load a personalised reward model for method 'pad' at start-up ('default': the one shipped for the embedded model); otherwise it loads on the first PAD request."),
     ] = None,
+    head_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a connection has to send a whole request head (silent and slow-header connections are closed).")] = 10.0,
+    keep_alive_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an idle kept-alive connection stays open between requests.")] = 5.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request body has to arrive (408).")] = 30.0,
+    idle_stream_timeout: Annotated[float, typer.Option(min=0, help="Cancel a stream whose client has not read it for this many seconds, freeing its batch slot (0: never).")] = 60.0,
+    max_connections: Annotated[int, typer.Option(min=0, help="Open connections in all; more are answered 503 and closed (0: no cap).")] = 512,
+    max_connections_per_ip: Annotated[int, typer.Option(min=0, help="Open connections from one client address (0: no cap; behind a reverse proxy every client has its address).")] = 128,
 ) -> None:
     """Serve an OpenAI-compatible chat API with per-request preferences."""
     import uvicorn
@@ -54,6 +60,7 @@ def serve(
     from ..aligner import Aligner
     from ..errors import PrefalignError
     from .app import create_app
+    from .transport import ConnectionLimits, uvicorn_settings
 
     if not _is_loopback(host) and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
@@ -73,13 +80,21 @@ def serve(
             default_method=default_method,
             max_prompt_tokens=max_prompt_tokens,
             prefill_chunk=prefill_chunk,
+            body_timeout=body_timeout,
+            idle_stream_timeout=idle_stream_timeout or None,
         )
     except PrefalignError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
-    # A short graceful-shutdown timeout: a connection that outlives it is cut.
-    run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    # A short graceful-shutdown timeout: open streams are cut instead of holding Ctrl-C.
+    limits = ConnectionLimits(
+        head_timeout=head_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_connections=max_connections,
+        max_connections_per_ip=max_connections_per_ip,
+    )
+    run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **uvicorn_settings(limits)))
 
 
 def run_server(app: Any, config: Any) -> None:

@@ -196,4 +196,10 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
 
+def split_repetition(params: dict) -> tuple[dict, dict]:
+    """``params`` split into (method parameters, repetition controls of :class:`SamplingParams`)."""
+    method = {k: v for k, v in params.items() if k not in REPETITION_FIELDS}
+    return method, {k: v for k, v in params.items() if k in REPETITION_FIELDS}
+
+
 __all__ = ["GREEDY_TEMPERATURE", "MAX_CHOICES", "MAX_TOP_LOGPROBS", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator"]

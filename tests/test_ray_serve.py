@@ -66,6 +66,7 @@ tokenizer = load_tokenizer()
 tiny = Aligner(_tiny_llama(len(tokenizer)), tokenizer)
 served = []
 uvicorn.run = lambda app, **kwargs: served.append(app)
+uvicorn.Server.run = lambda self, sockets=None: served.append(self.config.app)  # serve's run_server
 Aligner.from_pretrained = classmethod(lambda cls, *a, **k: tiny)
 from prefalign.cli import app
 result = CliRunner().invoke(app, ["serve", "--port", "1"])

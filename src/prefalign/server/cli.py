@@ -123,7 +123,8 @@ def serve(
 def run_server(app: Any, config: Any) -> None:
     """Run ``app`` under uvicorn; Ctrl-C (SIGINT, SIGTERM) stops its scheduler first, so
     running requests end at once with a ``server_shutting_down`` error (streams get it
-    as their last event) and the process exits 0 without waiting for them."""
+    as their last event) and the process exits without waiting for them (status 130
+    after Ctrl-C: uvicorn re-raises the signal once it has shut down)."""
     import uvicorn
 
     class Server(uvicorn.Server):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -11,9 +11,21 @@ from ..errors import PrefalignError
 
 #: The seeds ``torch.Generator.manual_seed`` accepts.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Most alternatives ``top_logprobs`` returns per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+#: Most answers one request asks for (``n``).
+MAX_CHOICES = 128
 #: Below this temperature decoding is greedy: scores / T overflow to inf, and the
 #: limit of sampling as T → 0 is the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
+#: OpenAI's range for frequency_penalty and presence_penalty.
+MAX_OPENAI_PENALTY = 2.0
+#: Guards against nonsense values only (transformers accepts any positive float).
+MAX_REPETITION_PENALTY = 100.0
+MAX_NGRAM_SIZE = 64
+#: The repetition controls' field names (the CLI's ``--param`` and the evaluation's
+#: sweeps route these to the sampling settings instead of the method).
+REPETITION_FIELDS = ("frequency_penalty", "presence_penalty", "repetition_penalty", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)
@@ -23,7 +35,20 @@ class SamplingParams:
     ``temperature=0`` (or below 1e-5) means greedy (argmax); ``top_p``/``top_k`` (0 = off)
     cut the sampled distribution; ``seed`` makes sampling reproducible whatever the batch;
     ``max_new_tokens`` caps the answer; ``stop`` strings end it (the text is cut before
-    them); ``ignore_eos`` decodes past the end-of-sequence token.
+    them); ``ignore_eos`` decodes past the end-of-sequence token. ``logprobs`` returns,
+    for each chosen token, its log-probability under the method's final scores (their
+    log-softmax), and ``top_logprobs`` (0–20) the most likely tokens beside it. ``n``
+    asks for n answers to the prompt (:meth:`for_choice`: answer i samples with seed
+    ``seed + i``); they share the prompt's prefill.
+
+    Repetition controls, applied to the method's scores before the token is chosen
+    (:mod:`prefalign.decoding.repetition`; neutral defaults leave tokens unchanged):
+    ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]: ``score −
+    count·frequency − (count > 0)·presence``, counting the answer's tokens),
+    ``repetition_penalty`` (transformers', > 0, 1 = off: seen tokens' positive scores
+    divided by it, negative ones multiplied; seen = prompt + answer, as in transformers)
+    and ``no_repeat_ngram_size`` (transformers', 0 = off: no n-gram of the prompt +
+    answer occurs twice).
 
     Every field is checked here, once, with an error naming it; the API, the CLI, the
     server and the evaluation all build this object (method parameters are checked by
@@ -37,6 +62,13 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -69,10 +101,49 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed <= SEED_MAX
         ):
             raise PrefalignError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", field="seed")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -MAX_OPENAI_PENALTY <= v <= MAX_OPENAI_PENALTY:
+                raise PrefalignError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}", field=name)
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise PrefalignError(
+                f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}] (1 = off, above 1 discourages repeats), got {r!r}",
+                field="repetition_penalty",
+            )
+        g = self.no_repeat_ngram_size
+        if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= MAX_NGRAM_SIZE:
+            raise PrefalignError(
+                f"no_repeat_ngram_size must be an integer in [0, {MAX_NGRAM_SIZE}] (0 = off), got {g!r}", field="no_repeat_ngram_size"
+            )
+        if not isinstance(self.logprobs, bool):
+            raise PrefalignError(f"logprobs must be true or false, got {self.logprobs!r}", field="logprobs")
+        k = self.top_logprobs
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise PrefalignError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}", field="top_logprobs")
+        if k and not self.logprobs:
+            raise PrefalignError("top_logprobs needs logprobs=true", field="top_logprobs")
+        n = self.n
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+            raise PrefalignError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}", field="n")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalizes(self) -> bool:
+        """True when a repetition control is on (the engine then keeps the answer's history)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0 or self.no_repeat_ngram_size)
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The settings of answer ``index`` of ``n``: one answer, seeded ``seed + index``
+        (wrapped into the seed range; no seed: unseeded), so that each answer is
+        reproducible and equals a single request with that seed."""
+        seed = self.seed
+        if seed is not None:
+            seed = SEED_MIN + (seed + index - SEED_MIN) % (SEED_MAX - SEED_MIN + 1)
+        return replace(self, n=1, seed=seed)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -125,4 +196,10 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
 
-__all__ = ["GREEDY_TEMPERATURE", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator"]
+def split_repetition(params: dict) -> tuple[dict, dict]:
+    """``params`` split into (method parameters, repetition controls of :class:`SamplingParams`)."""
+    method = {k: v for k, v in params.items() if k not in REPETITION_FIELDS}
+    return method, {k: v for k, v in params.items() if k in REPETITION_FIELDS}
+
+
+__all__ = ["GREEDY_TEMPERATURE", "MAX_CHOICES", "MAX_TOP_LOGPROBS", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator"]

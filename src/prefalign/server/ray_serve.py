@@ -344,6 +344,14 @@ class RayScheduler:
         self.stats.submitted += 1
         return job
 
+    def submit_all(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop, *, stream: bool) -> list[_RayJob]:
+        """One request's answers. ``n`` > 1 is refused (400 naming ``n``): its answers share
+        one prefill and one event queue in a single engine, which one replica call does
+        not carry yet."""
+        if len(requests) > 1:
+            raise PrefalignError("n > 1 is not served with --replicas yet; send n requests (or serve without --replicas)", field="n")
+        return [self.submit(requests[0], loop, stream=stream)]
+
     def cancel(self, job: _RayJob) -> None:
         job.cancel()
 

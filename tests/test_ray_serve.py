@@ -221,9 +221,22 @@ def without_ids(obj: dict[str, Any]) -> dict[str, Any]:
 def test_sixteen_streams_through_two_replicas_equal_the_single_process_server(cluster, single):
     health = cluster.health()
     assert health["status"] == "ok" and health["replicas"]["ready"] == 2
+    replicas_seen: set[str] = set()
+    finished = threading.Event()
+
+    def watch() -> None:  # which replicas had requests in flight
+        while not finished.is_set():
+            replicas_seen.update(cluster.health()["in_flight"])
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     with ThreadPoolExecutor(16) as pool:
         through_ray = list(pool.map(lambda i: stream(cluster.url, body_for(i, stream=True)), range(16)))
+        finished.set()
+        watcher.join()
         alone = list(pool.map(lambda i: stream(single.url, body_for(i, stream=True)), range(16)))
+    assert len(replicas_seen) == 2, replicas_seen  # both replicas served
     for (status, events, done), (_, expected, _) in zip(through_ray, alone):
         assert status == 200 and done
         assert text_of(events) == text_of(expected) and events[-1]["usage"]["completion_tokens"] == 16

@@ -23,6 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from prefalign import Aligner  # noqa: E402
 from prefalign.server import create_app  # noqa: E402
+from prefalign.server.transport import ConnectionLimits, uvicorn_settings  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -36,12 +37,13 @@ MAX_BODY = 64_000
 class LiveServer:
     """uvicorn in a thread on a free loopback port, the socket bound before start."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, limits: ConnectionLimits | None = None) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        # The connection limits of `prefalign serve` (its defaults unless given).
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, **uvicorn_settings(limits))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -118,7 +120,7 @@ def still_serves(client: Any) -> None:
 
 CASES = {
     "base": ({}, dict(preference=None, method="base")),
-    "amulet-default": ({"preference": "concise"}, dict(preference="concise", method="amulet")),
+    "pref-default": ({"preference": "concise"}, dict(preference="concise", method="pref")),
     "la-weighted": (
         {"preference": [{"text": "Answer like a pirate.", "weight": 2.0}, "formal"], "alignment": {"method": "la", "ratio": 1.5}},
         dict(preference=[{"text": "Answer like a pirate.", "weight": 2.0}, "formal"], method="la", ratio=1.5),
@@ -129,7 +131,7 @@ CASES = {
     ),
     "beam": ({"preference": "formal", "alignment": {"method": "beam", "width": 2}}, dict(preference="formal", method="beam", width=2)),
     "sampled-seed": (
-        {"preference": "concise", "temperature": 0.9, "top_p": 0.9, "seed": 7},
+        {"preference": "concise", "alignment": {"method": "amulet"}, "temperature": 0.9, "top_p": 0.9, "seed": 7},
         dict(preference="concise", method="amulet", temperature=0.9, top_p=0.9, seed=7),
     ),
 }
@@ -176,7 +178,7 @@ def test_response_echoes_alignment_and_usage(client):
     )
     extra = out.model_extra
     assert extra["alignment"] == {"method": "amulet", "template": "default", "alpha": 1.5, "lam": 2.0, "eta": 10.0,
-                                  "iterations": 60, "exact": False, "plausibility": 0.0, "kl_budget": 0.5}
+                                  "iterations": 60, "exact": False, "plausibility": 0.0, "kl_budget": 0.5, "repeat_ngram": 3}
     assert extra["preference"][0]["name"] == "concise"
     usage = out.usage.model_dump(exclude_none=True)
     assert usage["forward_passes"] == 4 and usage["context_tokens"] > usage["prompt_tokens"] > 0
@@ -189,10 +191,10 @@ def test_response_echoes_alignment_and_usage(client):
 
 
 def test_stop_strings_match_the_engine(client, reference):
-    free = reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=24, ignore_eos=True)[0].text
+    free = reference.generate(CHAT, preference="concise", method="pref", max_new_tokens=24, ignore_eos=True)[0].text
     stop = free[8:11]
     assert stop.strip(), free
-    expected = reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
+    expected = reference.generate(CHAT, preference="concise", method="pref", max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
     kwargs = _create_kwargs({"preference": "concise", "ignore_eos": True}, max_tokens=24)
     out = client.chat.completions.create(stop=[stop], **kwargs)
     assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected.text, "stop")
@@ -253,8 +255,8 @@ BAD_BODIES = [
     ("cost limit", {"alignment": {"method": "beam", "width": 64}, "preference": "concise"}, 400, "alignment.width"),
     ("negative weight", {"preference": [{"text": "Be brief.", "weight": -1}]}, 400, "preference"),
     ("beam with sampling", {"alignment": {"method": "beam", "width": 2}, "preference": "concise", "temperature": 0.5}, 400, "temperature"),
-    ("n", {"n": 2}, 400, "n"),
-    ("unsupported feature", {"logprobs": True}, 400, "logprobs"),
+    ("n", {"n": 0}, 400, "n"),
+    ("unsupported feature", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("frequency_penalty range", {"frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("presence_penalty range", {"presence_penalty": -3}, 400, "presence_penalty"),
     ("repetition_penalty range", {"repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -393,9 +395,9 @@ def test_stream_disconnect_frees_the_slot(live):
         seen += 1
         if seen == 5:
             break
-    assert live.aligner.engine.num_active == 1
+    assert live.scheduler.engine_active == 1
     stream.close()
-    assert wait_until(lambda: live.aligner.engine.num_active == 0 and live.scheduler.load()["running"] == 0)
+    assert wait_until(lambda: live.scheduler.engine_active == 0 and live.scheduler.load()["running"] == 0)
     stats = live.health()["stats"]
     assert stats["cancelled"] == before["cancelled"] + 1
     assert stats["completed"] == before["completed"]  # it did not run to its 1500 tokens
@@ -406,7 +408,7 @@ def test_non_streaming_disconnect_frees_the_slot(live):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/chat/completions", timeout=httpx.Timeout(10, read=0.5),
                    json={**OK_BODY, "max_tokens": 1500, "ignore_eos": True})
-    assert wait_until(lambda: live.aligner.engine.num_active == 0 and live.scheduler.load()["running"] == 0)
+    assert wait_until(lambda: live.scheduler.engine_active == 0 and live.scheduler.load()["running"] == 0)
     stats = live.health()["stats"]
     assert stats["cancelled"] == before["cancelled"] + 1 and stats["completed"] == before["completed"]
 
@@ -426,7 +428,7 @@ def test_queue_full_gets_429_with_retry_after(tiny, tokenizer):
             with pytest.raises(openai.RateLimitError):
                 server.client().chat.completions.create(**OK_BODY)
         # Both clients left: the running one is cancelled, the queued one dropped.
-        assert wait_until(lambda: server.scheduler.load() == {"running": 0, "waiting": 0} and server.aligner.engine.num_active == 0)
+        assert wait_until(lambda: server.scheduler.load() == {"running": 0, "waiting": 0} and server.scheduler.engine_active == 0)
         still_serves(server.client())
         assert server.health()["stats"]["rejected"] == 2
 

@@ -13,8 +13,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (
-    DEFAULT_METHOD_WITH_PREFERENCE,
-    DEFAULT_METHOD_WITHOUT_PREFERENCE,
     METHOD_HELP,
     CheckedRequest,
     BackendOpt,
@@ -23,7 +21,6 @@ from .cli_options import (
     PreferenceOpt,
     ModelOpt,
     ThreadsOpt,
-    check_backend,
     check_prm_path,
     check_request,
     fast_setting,
@@ -39,6 +36,7 @@ from .cli_options import (
     warn,
 )
 from .errors import PrefalignError
+from .rules import check_backend, choose_method
 
 app = typer.Typer(
     help="Personalised alignment at decoding time (Amulet, PAD, Linear Alignment) for Hugging Face causal LMs.",
@@ -130,13 +128,13 @@ def generate(
         )
         prefs, method = checked.preference, checked.method
         if as_json or not stream:
-            result = aligner.generate(chat, preference=prefs, method=method, **kwargs)[0]
+            request = aligner.build_request(chat, prefs, method, **kwargs)  # built once: its method echoes the params
+            result = aligner.engine.generate([request])[0]
             if as_json:
                 print(json.dumps({
                     "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                     "usage": result.usage.as_dict(), "seconds": round(result.seconds, 3), "method": method,
-                    "preference": preferences_json(prefs),
-                    "params": aligner.build_request(chat, prefs, method, **kwargs).method.params(),
+                    "preference": preferences_json(prefs), "params": request.method.params(),
                 }, ensure_ascii=False))
             else:
                 print(result.text)
@@ -310,9 +308,7 @@ def chat(
         return preference_argument(pref_texts, pref_weights)
 
     def current_method() -> str:
-        if chosen_method is not None:
-            return chosen_method
-        return DEFAULT_METHOD_WITH_PREFERENCE if pref_texts else DEFAULT_METHOD_WITHOUT_PREFERENCE
+        return str(choose_method(chosen_method, pref_texts))
 
     def describe_method() -> str:
         shown = current_method() + ("" if chosen_method else " (default)")
@@ -360,10 +356,9 @@ def chat(
                         show_warnings(check(current_method(), params))
                 elif command == "method":
                     if arg:
-                        name = make_method(arg).name
-                        check(name, {})  # e.g. amulet without a preference: refused here, not at the next message
-                        chosen_method, params = name, split_repetition(params)[1]  # repetition controls stay
-                        show_warnings(check(name, {}))
+                        checked = check(arg, {})  # e.g. amulet without a preference: refused here, not at the next message
+                        chosen_method, params = checked.method, split_repetition(params)[1]  # repetition controls stay
+                        show_warnings(checked)
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "param":
                     if not arg:

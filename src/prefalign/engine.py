@@ -38,8 +38,10 @@ sampling one group of requests fails those requests alone (``finish_reason="erro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -60,6 +62,7 @@ from .streaming import Session
 from .usage import Usage
 
 _NEG_INF = float("-inf")
+_SMALLEST = 5e-324  # the smallest positive float64
 log = logging.getLogger(__name__)
 
 
@@ -81,12 +84,13 @@ class GenerationRequest:
     #: the server's echo, the CLI's ``--json`` and the evaluation read it, not resolve it again.
     template: str | None = None
     preferences: tuple[Any, ...] = ()
+    #: Which of the ``n`` answers of its prompt this is (see :meth:`split_choices`).
+    choice: int = 0
 
     def __post_init__(self) -> None:
         # Preferences parsed by prefalign.prompts are already checked; a request built by
         # hand is checked here, where the weights are held.
-        if not self.weights or any(not math.isfinite(w) or w <= 0 for w in self.weights) or not math.isfinite(sum(self.weights)):
-            raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
+        self.weights = normalise_weights(self.weights)
 
     @property
     def max_new_tokens(self) -> int:
@@ -105,6 +109,21 @@ class GenerationRequest:
         """How its scores become tokens: the method's search (beam), else greedy or sampling."""
         return strategy_for(self.method, self.sampling)
 
+    def split_choices(self) -> list[GenerationRequest]:
+        """The ``sampling.n`` answers as requests the engine runs: answer i has id
+        ``"{request_id}-{i}"``, ``choice`` i and ``sampling.for_choice(i)`` (seed + i).
+
+        Submitted together they form one prefill group, whose identical contexts are
+        prefilled once (see :class:`Engine`): the prompt's prefill is shared. ``n = 1``:
+        ``[self]``.
+        """
+        if self.sampling.n == 1:
+            return [self]
+        return [
+            dataclasses.replace(self, request_id=f"{self.request_id}-{i}", sampling=self.sampling.for_choice(i), choice=i)
+            for i in range(self.sampling.n)
+        ]
+
 
 @dataclass
 class Delta:
@@ -114,6 +133,19 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    #: One entry per token of ``token_ids`` when the request asked for ``logprobs``, else None.
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the method's final scores (the log-softmax
+    of what ``Method.combine`` returned, after the engine rules out NaN), and the
+    ``top_logprobs`` most likely tokens with theirs (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -132,6 +164,31 @@ class GenerationResult:
     usage: Usage
     seconds: float = 0.0
     error: str | None = None
+    #: Per token of ``token_ids``, when the request asked for ``logprobs`` (else None).
+    logprobs: list[TokenLogprob] | None = None
+    #: Which of its prompt's ``n`` answers this is (``GenerationRequest.choice``).
+    choice: int = 0
+
+
+def normalise_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Preference weights scaled by a power of two so that the largest lies in [1, 2).
+
+    Any finite positive weights are valid, from subnormals to 1e308; only their ratios
+    count (methods use the shares ``w / w.sum()``). Scaled once here, in float64 before
+    the engine casts them to the scores' float32, they can neither overflow (``1e300``
+    and ``1`` become about ``1`` and ``1e-300``) nor all round to zero, so no method's
+    weighted mean turns into NaN. A power of two scales exactly: weights that fit
+    float32 give bit-identical shares (and weights whose largest is in [1, 2) are kept
+    as given). A weight below float32's range after scaling becomes 0 there: that
+    preference counts for nothing, as its share (under 1e-38) already did.
+    """
+    if not weights or any(
+        not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0 for w in weights
+    ):
+        raise PrefalignError(f"preference weights must be finite numbers > 0, got {tuple(weights)!r}", field="preference")
+    exponent = math.frexp(max(float(w) for w in weights))[1] - 1  # largest = m · 2**exponent, 1 ≤ m < 2
+    # A ratio below float64's range would round to 0: keep it the smallest positive weight.
+    return tuple(math.ldexp(float(w), -exponent) or _SMALLEST for w in weights)
 
 
 # --- Internal state ----------------------------------------------------------------
@@ -148,6 +205,7 @@ class _Track:
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
     #: Kept only for requests with repetition controls or a method that reads the answer.
     history: TokenHistory | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, if the request asked
 
 
 @dataclass
@@ -177,6 +235,9 @@ class _PrefillPart:
 
     rows: list[tuple[_Active, int, int]]
     prefill: Prefill
+    #: Row i is the prefill's sequence ``source[i]``: rows with identical prompts (the
+    #: ``n`` answers of a request, say) share one; None: one sequence per row.
+    source: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -189,7 +250,19 @@ class _PrefillPart:
     def select(self, keep: list[int]) -> None:
         """Keep only the rows at ``keep`` (a request left while it was being prefilled)."""
         self.rows = [self.rows[i] for i in keep]
-        self.prefill.select(keep)
+        if self.source is None:
+            self.prefill.select(keep)
+            return
+        source = [self.source[i] for i in keep]
+        used = list(dict.fromkeys(source))
+        self.prefill.select(used)
+        self.source = [used.index(s) for s in source]
+
+    def unshare(self) -> None:
+        """Give each row its own copy of its sequence (once prefilled, before joining)."""
+        if self.source is not None:
+            self.prefill.select(self.source)  # repeats copy a shared sequence
+            self.source = None
 
 
 @dataclass
@@ -236,6 +309,11 @@ class Engine:
         self._states: dict[str, _ModelState] = {}
         self._results: dict[str, GenerationResult] = {}
         self._cancelled: set[str] = set()
+        #: False while a step (or a cancellation) changes the rows and runners: if it never
+        #: finishes (Ctrl-C, any BaseException, even during the reset that follows), the
+        #: next use of the engine resets it first.
+        self._consistent = True
+        self._changing_thread: int | None = None  # the thread that set ``_consistent`` False
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -267,17 +345,20 @@ class Engine:
     def add(self, request: GenerationRequest) -> str:
         """Queue a request; it joins the running batch at the next :meth:`step`."""
         self.validate(request)
+        self._repair()
         self._pending.append(request)
         return request.request_id
 
     def cancel(self, request_id: str) -> None:
         """Drop a request (queued, prefilling or running); its rows leave the batch at the next step."""
+        self._repair()
         self._pending = [r for r in self._pending if r.request_id != request_id]
         if request_id in self._active or self._is_prefilling(request_id):
             self._cancelled.add(request_id)
 
     @property
     def has_work(self) -> bool:
+        self._repair()
         return bool(self._pending or self._prefilling or self._active)
 
     def _is_prefilling(self, request_id: str) -> bool:
@@ -285,10 +366,12 @@ class Engine:
 
     def holds(self, request_id: str) -> bool:
         """Queued, prefilling or running (not finished, not dropped)."""
+        self._repair()
         return request_id in self._active or any(r.request_id == request_id for r in self._pending) or self._is_prefilling(request_id)
 
     @property
     def num_active(self) -> int:
+        self._repair()
         return len(self._active)
 
     def pop_result(self, request_id: str) -> GenerationResult | None:
@@ -297,8 +380,29 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every queued, running and finished request (e.g. after a failed step)."""
+        self._begin_change()
         self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
+        self._consistent = True
+
+    def _begin_change(self) -> None:
+        """Mark the rows and runners as being changed by this thread (see ``_consistent``)."""
+        self._changing_thread = threading.get_ident()
+        self._consistent = False
+
+    def _repair(self) -> None:
+        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``).
+
+        Another thread's step still in progress (the server's scheduler thread, read by a
+        request handler asking ``num_active``) is no interruption: it is left alone.
+        """
+        if self._consistent:
+            return
+        changing = self._changing_thread
+        if changing != threading.get_ident() and any(t.ident == changing for t in threading.enumerate()):
+            return
+        log.warning("the last engine step was interrupted; its requests were dropped")
+        self.reset()
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`PrefalignError` if the engine cannot run ``request`` as given."""
@@ -317,6 +421,10 @@ class Engine:
                 raise PrefalignError("a context has no tokens", field="prompt")
         if not isinstance(request.sampling, SamplingParams):
             raise PrefalignError("a request's sampling must be a SamplingParams", field="sampling")
+        if request.sampling.n != 1:
+            raise PrefalignError(
+                f"a request for n={request.sampling.n} answers is n requests: submit request.split_choices()", field="n"
+            )
         request.strategy  # noqa: B018 - the strategy checks the sampling settings (beam: greedy only)
 
     # -- driving --------------------------------------------------------------------
@@ -341,8 +449,15 @@ class Engine:
     @torch.inference_mode()
     def apply_cancellations(self) -> None:
         """Let cancelled requests leave now (their rows, their runners' memory), not at the next step."""
+        self._repair()
         if self._cancelled:
-            self._drop_cancelled()
+            self._begin_change()
+            try:
+                self._drop_cancelled()
+            except BaseException:
+                self.reset()
+                raise
+            self._consistent = True
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
@@ -352,8 +467,13 @@ class Engine:
         A fault in one group of requests (its prefill, its method's ``combine``, its
         sampling) fails that group alone. A fault in the forward pass that every running
         request shares leaves no request in the engine (it is :meth:`reset`) and is raised.
+        So does any interruption of the step (``KeyboardInterrupt``, any ``BaseException``):
+        the requests it was advancing are dropped, the runners with them, and the next
+        call starts from an engine as good as new.
         """
         deltas: list[Delta] = []
+        self._repair()
+        self._begin_change()
         try:
             self._drop_cancelled()
             models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
@@ -362,17 +482,20 @@ class Engine:
                 self._prefilling.append(self._new_group([self._start(r) for r in self._pending], models, owner))
                 self._pending = []
             if not self._active and not self._prefilling:
+                self._consistent = True
                 return deltas
             logprobs = self._decode(models, owner)  # running rows: one forward per model
             self._prefill(models, logprobs, deltas)  # the next chunk; complete groups join the running rows
             row_index = self._row_index(owner, logprobs)
             self._choose_tokens(logprobs, row_index, deltas)  # method.combine, then each request's strategy
             self._reorder_rows()  # finished rows leave, beams follow their parents
-        except Exception:
-            # The shared pass failed (or a bug): the caches' state is unknown, so no
-            # request may continue on them. Callers (the scheduler, sessions) fail theirs.
+        except BaseException:
+            # The shared pass failed (or a bug), or the step was interrupted (Ctrl-C):
+            # the caches' state is unknown, so no request may continue on them. Callers
+            # (the scheduler, sessions) fail theirs.
             self.reset()
             raise
+        self._consistent = True
         return deltas
 
     def _decode(self, models: Mapping[str, Any], owner: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -392,6 +515,7 @@ class Engine:
         for group in self._advance_prefill(models, deltas):
             for key, part in group.parts.items():
                 state = self._state(key, models)
+                part.unshare()
                 state.runner.join(part.prefill)
                 state.rows.extend(part.rows)
                 assert part.logprobs is not None
@@ -435,9 +559,13 @@ class Engine:
             rows = [(a, 0, k) for a in members for k, (m, _) in enumerate(a.request.contexts) if owner.get(m, m) == key]
             if not rows:
                 continue
-            seqs = [a.request.contexts[k][1] for a, _, k in rows]
-            tags = [a.request.contexts[k][0] for a, _, k in rows]
-            parts[key] = _PrefillPart(rows=rows, prefill=self._state(key, models).runner.start_prefill(seqs, tags))
+            # Identical contexts (same model, same tokens) are prefilled once and copied at join.
+            first: dict[tuple[str, tuple[int, ...]], int] = {}
+            source = [first.setdefault((m, tuple(ids)), len(first)) for m, ids in (a.request.contexts[k] for a, _, k in rows)]
+            seqs = [list(ids) for _, ids in first]
+            tags = [m for m, _ in first]
+            shared = None if len(first) == len(rows) else source
+            parts[key] = _PrefillPart(rows=rows, prefill=self._state(key, models).runner.start_prefill(seqs, tags), source=shared)
         return _PrefillGroup(members=members, parts=parts)
 
     def _state(self, key: str, models: Mapping[str, Any]) -> _ModelState:
@@ -555,12 +683,11 @@ class Engine:
                 block = scores[offset:offset + n]
                 offset += n
                 try:
-                    if chosen is not None:
-                        self._advance(a, chosen[offset - 1], deltas)
-                    elif isinstance(a.strategy, BeamSearch):
+                    if isinstance(a.strategy, BeamSearch):
                         self._beam_step(a, a.strategy, block, deltas)
-                    else:
-                        self._advance(a, a.strategy.token(block[0], a.generator), deltas)
+                        continue
+                    token = chosen[offset - 1] if chosen is not None else a.strategy.token(block[0], a.generator)
+                    self._advance(a, token, deltas, _token_logprob(block[0], token, a.request.sampling))
                 except Exception as exc:
                     self._fail(a, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
 
@@ -609,8 +736,9 @@ class Engine:
             offset += n
         return keep
 
-    def _advance(self, active: _Active, token: int, deltas: list[Delta]) -> None:
-        """Append ``token`` to a one-hypothesis request and decide whether it finished."""
+    def _advance(self, active: _Active, token: int, deltas: list[Delta], logprob: TokenLogprob | None = None) -> None:
+        """Append ``token`` (and its ``logprob``, if asked for) to a one-hypothesis request
+        and decide whether it finished."""
         request, track = active.request, active.tracks[0]
         if token in self.eos_token_ids and not request.ignore_eos:
             self._finish(active, "stop", deltas, track, new_tokens=[])
@@ -618,6 +746,8 @@ class Engine:
         track.tokens.append(token)
         if track.history is not None:
             track.history.push(token)
+        if logprob is not None:
+            track.logprobs.append(logprob)
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
@@ -640,7 +770,9 @@ class Engine:
         text = track.text[track.emitted:safe]
         track.emitted = safe
         if text or tokens or final:
-            deltas.append(Delta(active.request.request_id, text, tokens, reason))
+            # ``tokens`` are the track's last ones (beam's answer: all of them, no logprobs).
+            logprobs = track.logprobs[len(track.logprobs) - len(tokens):] if active.request.sampling.logprobs else None
+            deltas.append(Delta(active.request.request_id, text, tokens, reason, logprobs))
 
     def _finish(self, active: _Active, reason: str, deltas: list[Delta], track: _Track, new_tokens: list[int], error: str | None = None) -> None:
         """Record the result, stream what is left of the text; rows leave at the next reorder."""
@@ -658,6 +790,8 @@ class Engine:
             usage=active.usage,
             seconds=time.perf_counter() - active.started,
             error=error,
+            logprobs=list(track.logprobs) if active.request.sampling.logprobs else None,
+            choice=active.request.choice,
         )
 
     def _beam_step(self, active: _Active, search: BeamSearch, scores: torch.Tensor, deltas: list[Delta]) -> None:
@@ -712,6 +846,19 @@ class Engine:
                 track.parent = None
 
 
+def _token_logprob(scores: torch.Tensor, token: int, sampling: SamplingParams) -> TokenLogprob | None:
+    """``token``'s log-probability under one row of a method's scores ``[V]`` (their
+    log-softmax), with the ``top_logprobs`` best tokens; None unless asked for."""
+    if not sampling.logprobs:
+        return None
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if sampling.top_logprobs:
+        values, ids = torch.topk(logprobs, min(sampling.top_logprobs, logprobs.shape[-1]))
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     config = getattr(model, "generation_config", None)
@@ -729,5 +876,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "SamplingParams",
+    "TokenLogprob",
     "Usage",
+    "normalise_weights",
 ]

@@ -160,11 +160,6 @@ class Method(ABC):
     #: so that one request cannot stall the batch everyone shares.
     cost_limits: ClassVar[dict[str, int]] = {}
 
-    @property
-    def beam_width(self) -> int:
-        """Number of hypotheses the engine keeps per prompt (1: greedy or sampling)."""
-        return 1
-
     def search(self) -> Any:
         """The search strategy the engine decodes this method with (see
         :mod:`prefalign.decoding`); None: the request's sampling settings decide (greedy

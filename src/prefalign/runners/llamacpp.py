@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError, PrefalignError
+from ..gguf_cache import existing_gguf
 from .forward import to_logprobs
 
 #: Sequences one context can hold (llama.cpp's own ceiling is 256).
@@ -90,9 +91,7 @@ class LlamaCppModel:
     ) -> None:
         lib = _import_llama_cpp()
         self.lib = lib
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}", field="model")
+        path = existing_gguf(Path(path).expanduser())
         _quiet(lib)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
@@ -234,10 +233,20 @@ class SequencePrefill:
     def select(self, keep: list[int]) -> None:
         for i in set(range(len(self.seqs))) - set(keep):
             self.runner._release(self.seq_ids[i])
+        seq_ids: list[int] = []
+        for j, i in enumerate(keep):
+            seq = self.seq_ids[i]
+            if i in keep[:j]:  # a repeat: the row gets a copy of the sequence
+                fork = self.runner._take()
+                self.runner.model.lib.llama_memory_seq_cp(self.runner.model.memory, seq, fork, -1, -1)
+                seq = fork
+            seq_ids.append(seq)
         self.rows_logprobs = {j: self.rows_logprobs[i] for j, i in enumerate(keep) if i in self.rows_logprobs}
         self.seqs = [self.seqs[i] for i in keep]
-        self.seq_ids = [self.seq_ids[i] for i in keep]
+        self.seq_ids = seq_ids
         self.done = [self.done[i] for i in keep]
+        if self.logprobs is not None:
+            self.logprobs = self.logprobs[keep]
 
 
 class LlamaCppRunner:
@@ -348,9 +357,7 @@ def gguf_path_for(name: str | os.PathLike[str] | None) -> Path:
         return local_models.require(str(name))
     path = Path(str(name)).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}", field="model")
-        return path
+        return existing_gguf(path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

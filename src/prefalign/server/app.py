@@ -47,11 +47,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..engine import Delta, GenerationRequest, GenerationResult
+from ..engine import Delta, GenerationRequest, GenerationResult, TokenLogprob
 from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
 from ..prompts import parse_preferences
+from ..rules import DEFAULT_METHOD_WITH_PREFERENCE, choose_method
+from ..usage import Usage
 from .errors import APIError
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .scheduler import EngineFailure, Job, QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest, _GenerationBody
 
@@ -73,12 +76,13 @@ class ServerConfig:
     max_queue: int = 64
     max_tokens_cap: int = 1024
     max_body_bytes: int = 1_000_000
-    default_method: str = "amulet"
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE
     default_temperature: float = 1.0
     max_preferences: int = 8
     max_stop: int = 4
     max_prompt_tokens: int = 8192
     body_timeout: float = 30.0
+    idle_stream_timeout: float | None = None
 
     @property
     def max_prompt_chars(self) -> int:
@@ -186,8 +190,9 @@ class _Translator:
                 param="model",
                 code="model_not_found",
             )
-        if body.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if body.n is not None and body.n > config.max_batch:
+            # The n answers decode side by side: each takes a batch slot.
+            raise APIError(400, f"n is {body.n}; this server decodes at most {config.max_batch} answers at once", param="n", code="invalid_value")
         if max_tokens is not None and max_tokens > config.max_tokens_cap:
             raise APIError(
                 400,
@@ -214,10 +219,9 @@ class _Translator:
         preference_arg: Any = body.preference
         if isinstance(preference_arg, list):
             preference_arg = [p if isinstance(p, str) else {"text": p.text, "weight": p.weight} for p in preference_arg]
-        method_name = alignment.method if alignment and alignment.method else None
-        if method_name is None:
-            # A preference alone asks for the server's default method; nothing asks for base.
-            method_name = config.default_method if preference_arg is not None else "base"
+        # No method: the rule of every face (pref with a preference, else base), with
+        # the server's --default-method in place of pref.
+        method_name = str(choose_method((alignment.method or None) if alignment else None, preference_arg, config.default_method))
 
         method_cls = METHODS.get(method_name.lower()) if isinstance(method_name, str) else None
         method_fields = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
@@ -234,9 +238,16 @@ class _Translator:
                 return max_tokens_param
             if field in ("prompt", "messages"):
                 return prompt_param
+            if field == "top_logprobs" and isinstance(body, CompletionRequest):
+                return "logprobs"  # completions' logprobs is the number of alternatives
             if field and field.startswith("messages.") and prompt_param == "prompt":
                 return "prompt"
             return field
+
+        if isinstance(body, CompletionRequest):  # logprobs: how many alternatives (0: the token's own only)
+            logprobs, top_logprobs = body.logprobs is not None, body.logprobs or 0
+        else:
+            logprobs, top_logprobs = bool(getattr(body, "logprobs", None)), getattr(body, "top_logprobs", None) or 0
 
         try:
             rule = make_method(method_name, **params)
@@ -273,6 +284,9 @@ class _Translator:
                 presence_penalty=body.presence_penalty,
                 repetition_penalty=body.repetition_penalty,
                 no_repeat_ngram_size=body.no_repeat_ngram_size,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                n=1 if body.n is None else body.n,
             )
             if max_tokens is None:
                 # Unset: as much as the window and the cap allow (OpenAI's chat default),
@@ -292,7 +306,7 @@ class _Translator:
                 )
             # Engine.add validates what build_request does not (weights > 0, beam with
             # sampling); checking here gives the client a 400 instead of a failed job.
-            self.aligner.engine.validate(request)
+            self.aligner.engine.validate(request.split_choices()[0])
         except APIError:
             raise
         except PrefalignError as exc:
@@ -316,10 +330,12 @@ class _Translator:
 class _Shape:
     """OpenAI's response and chunk objects for one endpoint."""
 
-    def __init__(self, *, chat: bool, model_id: str, prepared: Prepared) -> None:
+    def __init__(self, *, chat: bool, model_id: str, prepared: Prepared, token_text: TokenText) -> None:
         self.chat = chat
         self.model_id = model_id
         self.prepared = prepared
+        self.token_text = token_text
+        self.offsets: dict[int, int] = {}  # completions' streamed text_offset, per choice
         self.id = ("chatcmpl-" if chat else "cmpl-") + prepared.request.request_id
         self.created = int(time.time())
 
@@ -329,32 +345,50 @@ class _Shape:
     def _extras(self) -> dict[str, Any]:
         return {"alignment": self.prepared.alignment, "preference": self.prepared.preference}
 
-    def full(self, result: GenerationResult) -> dict[str, Any]:
+    def logprobs(self, entries: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for these tokens of answer ``index`` (None: not asked for)."""
+        if entries is None:
+            return None
         if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-            out = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
-            out = self._head("text_completion")
-        out.update(choices=[choice], usage=result.usage.as_dict(), **self._extras())
+            return chat_logprobs(entries, self.token_text)
+        shaped = completion_logprobs(entries, self.token_text, self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in shaped["tokens"])
+        return shaped
+
+    def full(self, results: list[GenerationResult]) -> dict[str, Any]:
+        """The whole answer: one choice per result (``results[i]`` is answer i)."""
+        choices = []
+        for index, result in enumerate(results):
+            self.offsets.pop(index, None)
+            if self.chat:
+                choices.append({
+                    "index": index,
+                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "logprobs": self.logprobs(result.logprobs, index),
+                    "finish_reason": result.finish_reason,
+                })
+            else:
+                choices.append(
+                    {"index": index, "text": result.text, "logprobs": self.logprobs(result.logprobs, index), "finish_reason": result.finish_reason}
+                )
+        out = self._head("chat.completion" if self.chat else "text_completion")
+        out.update(choices=choices, usage=Usage.of_choices([r.usage for r in results]).as_dict(), **self._extras())
         return out
 
-    def chunk(self, text: str | None = None, *, first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None = None, *, first: bool = False, finish_reason: str | None = None, index: int = 0,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index), "finish_reason": finish_reason}
             out = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": self.logprobs(logprobs, index), "finish_reason": finish_reason}
             out = self._head("text_completion")
         out["choices"] = [choice]
         if self.prepared.include_usage:
@@ -363,9 +397,9 @@ class _Shape:
             out.update(self._extras())  # once at the start, once at the end: not on every token
         return out
 
-    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+    def usage_chunk(self, results: list[GenerationResult]) -> dict[str, Any]:
         out = self._head("chat.completion.chunk" if self.chat else "text_completion")
-        out.update(choices=[], usage=result.usage.as_dict())
+        out.update(choices=[], usage=Usage.of_choices([r.usage for r in results]).as_dict())
         return out
 
 
@@ -382,18 +416,60 @@ class _ClientGone(Exception):
     """The client disconnected before its request body arrived: nobody to answer."""
 
 
+class _Stalled(Exception):
+    """A write of the stream waited longer than the idle-stream timeout."""
+
+
 class _SSEResponse(StreamingResponse):
     """A server-sent-events response that runs ``on_close`` however the stream ends.
 
     Starlette cancels the body iterator when the client disconnects; wherever that
     cancellation lands, ``on_close`` still runs and cancels the generation.
+
+    ``idle_timeout``: a client that stops reading makes the socket's buffers fill and
+    then every write wait; one write that waits longer than this ends the stream
+    (``on_stall`` is called once, then ``on_close``) instead of keeping its batch slot
+    until the answer is complete. The connection is aborted through the
+    ``prefalign.abort`` scope extension that :mod:`prefalign.server.transport` adds (any
+    other ASGI server closes it itself and logs that the response was incomplete).
     """
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        *,
+        idle_timeout: float | None = None,
+        on_stall: Callable[[float], None] | None = None,
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._idle_timeout = idle_timeout
+        self._on_stall = on_stall
+        self._abort: Callable[[], None] | None = None
+
+    async def stream_response(self, send: Send) -> None:
+        timeout = self._idle_timeout
+        if timeout is None:
+            return await super().stream_response(send)
+
+        async def guarded(message: Any) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except asyncio.TimeoutError:
+                raise _Stalled() from None
+
+        try:
+            await super().stream_response(guarded)
+        except _Stalled:
+            self._on_close()  # free the batch slot first, then report
+            if self._on_stall is not None:
+                self._on_stall(timeout)
+            if self._abort is not None:
+                self._abort()  # the buffered bytes would never be read: drop them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._abort = scope.get("extensions", {}).get("prefalign.abort")
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -437,12 +513,14 @@ def create_app(
     max_tokens_cap: int = 1024,
     max_body_bytes: int = 1_000_000,
     model_id: str | None = None,
-    default_method: str = "amulet",
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE,
     default_temperature: float = 1.0,
     max_preferences: int = 8,
     max_prompt_tokens: int = 8192,
     prefill_chunk: int | None = None,
     body_timeout: float = 30.0,
+    idle_stream_timeout: float | None = None,
+    scheduler: Any = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
 
@@ -454,8 +532,17 @@ def create_app(
     stays open). ``max_batch``: requests decoded together; ``max_queue``: requests
     waiting beyond that before 429. ``max_tokens_cap``: the largest ``max_tokens``
     accepted (and the default for chat). ``max_body_bytes``: larger bodies get 413.
-    ``default_method``: used when a request gives a preference but no method (no
-    preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    ``default_method``: used when a request gives a preference but no method (default
+    ``pref``, as on every face; no preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    ``body_timeout``: seconds for a request body to arrive (408). ``idle_stream_timeout``:
+    a stream whose writes have waited this long for the client to read is cancelled,
+    freeing its batch slot (``None``: never).
+
+    ``scheduler``: where requests run, in place of a :class:`Scheduler` on
+    ``aligner.engine``: anything with its ``start``/``stop``/``submit``/``cancel``/``load``
+    and ``stats``, whose jobs have ``ready``/``next_event``, plus an async ``health()``.
+    :mod:`prefalign.server.ray_serve` passes one that sends each validated request to a
+    Ray Serve replica; ``aligner`` then only needs to render and check requests.
     """
     make_method(default_method)  # fail at startup, not on the first request
     if prefill_chunk is not None:
@@ -472,12 +559,15 @@ def create_app(
         max_preferences=max_preferences,
         max_prompt_tokens=max_prompt_tokens,
         body_timeout=body_timeout,
+        idle_stream_timeout=idle_stream_timeout,
     )
-    scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
+    if scheduler is None:
+        scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
     # Rendering and tokenising (and a first PAD request's PRM load) run here, off the
     # event loop; one worker, because a tokenizer is not safe to share between threads.
     preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefalign-prepare")
     translator = _Translator(aligner, config)
+    token_text = TokenText(aligner.tokenizer)  # token texts and bytes of logprobs, cached
     started = int(time.time())
 
     @asynccontextmanager
@@ -490,7 +580,12 @@ def create_app(
             preparer.shutdown(wait=False, cancel_futures=True)
 
     # No /docs or /openapi.json: they would be unauthenticated, and clients use OpenAI's docs.
-    app = FastAPI(title="prefalign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes=False: Starlette's 307 for ".../completions/" builds its Location from
+    # the client's Host header (an open redirect, before authentication); a 404 names the route.
+    app = FastAPI(
+        title="prefalign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.scheduler = scheduler
     app.state.config = config
     app.state.aligner = aligner
@@ -503,7 +598,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
+        path = request.url.path
+        hint = f" (did you mean {path.rstrip('/')}?)" if path.endswith("/") and len(path) > 1 else ""
+        message = {404: f"no route {request.method} {path}{hint}", 405: f"method {request.method} not allowed on {request.url.path}"}
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=code, headers=dict(exc.headers or {})).response()
 
@@ -584,57 +681,80 @@ def create_app(
 
     # -- generation ----------------------------------------------------------------------
 
-    def submit(prepared: Prepared) -> Job:
+    def submit(prepared: Prepared) -> list[Job]:
+        """Queue the request's answers (``n``: one job each, sharing the prompt's prefill)."""
         try:
-            return scheduler.submit(prepared.request, asyncio.get_running_loop(), stream=prepared.stream)
+            return scheduler.submit_all(prepared.request.split_choices(), asyncio.get_running_loop(), stream=prepared.stream)
         except QueueFullError as exc:
             raise APIError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)}) from exc
         except SchedulerStoppedError as exc:
             raise APIError(503, str(exc), code="server_shutting_down") from exc
+        except PrefalignError as exc:  # what this scheduler cannot serve (n > 1 on Ray replicas)
+            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code=exc.code) from exc
+
+    def cancel_all(jobs: list[Job]) -> None:
+        for job in jobs:
+            scheduler.cancel(job)  # no-op once finished
 
     async def answer(request: Request, prepared: Prepared, *, chat: bool) -> Response:
-        shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared)
-        job = submit(prepared)
+        shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared, token_text=token_text)
+        jobs = submit(prepared)
+        for job in jobs:
+            await job.ready()  # a remote replica may still refuse it: an error before any byte is sent
         if prepared.stream:
-            return _SSEResponse(_stream(job, shape), on_close=lambda: scheduler.cancel(job))
+            client = request.client.host if request.client else "?"
+
+            def stalled(timeout: float) -> None:
+                log.warning("stream %s from %s: not read for %g s; cancelled, its batch slot freed", jobs[0].id, client, timeout)
+
+            return _SSEResponse(
+                _stream(jobs, shape), on_close=lambda: cancel_all(jobs), idle_timeout=config.idle_stream_timeout, on_stall=stalled
+            )
+        index = {job.id: i for i, job in enumerate(jobs)}
+        results: dict[int, GenerationResult] = {}
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            while True:
-                getter = asyncio.ensure_future(job.next_event())
+            while len(results) < len(jobs):
+                getter = asyncio.ensure_future(jobs[0].next_event())  # the jobs share one queue
                 done, _ = await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:  # the client left: free its slot
+                if getter not in done:  # the client left: free its slots
                     getter.cancel()
-                    scheduler.cancel(job)
+                    cancel_all(jobs)
                     return Response(status_code=499)
                 event = getter.result()
                 if isinstance(event, GenerationResult):
                     if event.error is not None:
                         raise _failed_request(event)
-                    return JSONResponse(shape.full(event))
-                if isinstance(event, BaseException):
+                    results[index[event.request_id]] = event
+                elif isinstance(event, BaseException):
                     raise _job_error(event)
+            return JSONResponse(shape.full([results[i] for i in range(len(jobs))]))
         finally:
             disconnect.cancel()
-            scheduler.cancel(job)  # no-op once finished; frees the slot on any other exit
+            cancel_all(jobs)  # frees the slots on any other exit
 
-    async def _stream(job: Job, shape: _Shape) -> AsyncIterator[bytes]:
-        yield _sse(shape.chunk("" if shape.chat else None, first=True))
-        while True:
-            event = await job.next_event()
+    async def _stream(jobs: list[Job], shape: _Shape) -> AsyncIterator[bytes]:
+        index = {job.id: i for i, job in enumerate(jobs)}
+        for i in range(len(jobs)):
+            yield _sse(shape.chunk("" if shape.chat else None, first=True, index=i))
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(jobs):
+            event = await jobs[0].next_event()  # the jobs share one queue
             if isinstance(event, Delta):
-                if event.text:
-                    yield _sse(shape.chunk(event.text))
+                if event.text or event.logprobs:
+                    yield _sse(shape.chunk(event.text, index=index[event.request_id], logprobs=event.logprobs))
             elif isinstance(event, GenerationResult):
                 if event.error is not None:
                     yield _sse(_failed_request(event).body())
                     break
-                yield _sse(shape.chunk(None, finish_reason=event.finish_reason))
-                if shape.prepared.include_usage:
-                    yield _sse(shape.usage_chunk(event))
-                break
+                results[index[event.request_id]] = event
+                yield _sse(shape.chunk(None, finish_reason=event.finish_reason, index=index[event.request_id]))
             else:  # the status line is sent already: report the error in the stream
                 yield _sse(_job_error(event).body())
                 break
+        else:
+            if shape.prepared.include_usage:
+                yield _sse(shape.usage_chunk([results[i] for i in range(len(jobs))]))
         yield b"data: [DONE]\n\n"
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
@@ -695,13 +815,15 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and load; unauthenticated so that probes need no key."""
+        if not isinstance(scheduler, Scheduler):  # replicas elsewhere report themselves
+            return {"model": config.model_id, **await scheduler.health()}
         return {
             "status": "ok",
             "model": config.model_id,
             **scheduler.load(),
             "max_batch": config.max_batch,
             "max_queue": config.max_queue,
-            "engine_active": aligner.engine.num_active,
+            "engine_active": scheduler.engine_active,  # not engine.num_active: only the scheduler thread touches the engine
             "stats": asdict(scheduler.stats),
         }
 
@@ -719,6 +841,15 @@ def _schema_error(exc: ValidationError) -> APIError:
             break
         parts.append(str(part))
     param = ".".join(parts) or None
+    if first["type"] == "string_unicode":
+        # A dict key that is not valid Unicode (string values are checked where they are used):
+        # name it, escaped, since the raw text cannot be encoded into the JSON answer.
+        key = str(first.get("input", "")).encode("utf-8", "backslashreplace").decode("utf-8")
+        where = f"in '{param}'" if param else "at the top level of the body"
+        return APIError(
+            400, f"the key '{key}' {where} is not valid Unicode (a lone surrogate?); send field names as valid UTF-8",
+            param=param or key, code="invalid_value",
+        )
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

@@ -42,8 +42,9 @@ from .method import count, positive
 AMULET_KL_BUDGET = 0.5
 LA_KL_BUDGET = 0.25
 
-#: Default n of the repetition guard (0 = off). Chosen on development prompts; see
-#: docs/results/by-model.md.
+#: Default n of the repetition guard (0 = off). On development prompts (HelpSteer, 24 answers)
+#: Amulet collapsed in 4/24 with n = 3 against 7/24 off; held out (45 answers) 33 % against 40 %
+#: (la 31 % against 40 %; pref 22 %): docs/results/by-model.md.
 REPEAT_NGRAM = 3
 MAX_REPEAT_NGRAM = 16
 

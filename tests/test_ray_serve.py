@@ -141,7 +141,7 @@ class Cluster:
         self.me = psutil.Process()
         before = ray_descendants(self.me)
         settings = dict(max_batch=16, max_queue=64, max_tokens_cap=1024, max_body_bytes=64_000, model_id=None,
-                        default_method="amulet", max_prompt_tokens=8192, api_key=KEY)
+                        max_prompt_tokens=8192, api_key=KEY)
         self._context = serve_on_ray(dict(model=None, threads=1), settings, ReplicaOptions(replicas=2, cpus=1),
                                      port=free_port())
         self.live = self._context.__enter__()

@@ -48,6 +48,7 @@ import torch
 
 from .decoding import BeamSearch, BeamState, Greedy, SearchStrategy, StopStrings, make_generator, strategy_for
 from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams  # noqa: F401 - re-exported: they lived here
+from .decoding.detokenize import IncrementalText
 from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
 from .methods import POLICY, Method
@@ -143,6 +144,7 @@ class _Track:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
+    detok: IncrementalText | None = None  # keeps ``text`` decoded, one tail at a time
 
 
 @dataclass
@@ -603,7 +605,9 @@ class Engine:
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
-        track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
+        if track.detok is None:
+            track.detok = IncrementalText(self.tokenizer)
+        track.text = track.detok.update(track.tokens)  # == decode(track.tokens), decoding only the new tail
         cut = active.stops.cut(track.text, previous)
         if cut is not None:
             track.text = track.text[:cut]

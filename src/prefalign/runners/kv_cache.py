@@ -226,6 +226,10 @@ class TransformersRunner:
         assert out is not None
         return out
 
+    def feed(self, next_tokens: torch.Tensor) -> None:
+        """The same rows, fed ``next_tokens`` ``[rows]`` (already on the model's device) next."""
+        self.next_tokens = next_tokens
+
     def select(self, keep: list[int], next_tokens: list[int]) -> None:
         where = {m: (b, local) for b, bucket in enumerate(self.buckets) for local, m in enumerate(bucket.members)}
         picks: list[list[tuple[int, int]]] = [[] for _ in self.buckets]  # per bucket: (new row, old local row)

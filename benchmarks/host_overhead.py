@@ -44,13 +44,10 @@ def tiny_llama(vocab: int, seed: int):
     return LlamaForCausalLM(config).eval()
 
 
-def best_of(repeats: int, run) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def measure(batches: list[int], tokens: int, repeats: int, methods: tuple[str, ...]) -> dict:
@@ -81,15 +78,18 @@ def measure(batches: list[int], tokens: int, repeats: int, methods: tuple[str, .
                 out = model.generate(ids, attention_mask=mask, generation_config=config)
             assert out.shape[1] == ids.shape[1] + tokens
 
-        row = {"batch": batch, "transformers_ms": best_of(repeats, hf) / tokens * 1e3}
-        for method in methods:
+        def ours(method: str) -> None:
             preference = None if method == "base" else "concise"
+            out = al.generate(prompts, preference=preference, method=method, max_new_tokens=tokens, ignore_eos=True)
+            assert all(len(r.token_ids) == tokens for r in out)
 
-            def ours() -> None:
-                out = al.generate(prompts, preference=preference, method=method, max_new_tokens=tokens, ignore_eos=True)
-                assert all(len(r.token_ids) == tokens for r in out)
-
-            row[f"{method}_ms"] = best_of(repeats, ours) / tokens * 1e3
+        runs = {"transformers": hf, **{m: (lambda m=m: ours(m)) for m in methods}}
+        best = {name: float("inf") for name in runs}
+        # Interleaved repeats: a burst of load from other processes hits every variant alike.
+        for _ in range(repeats):
+            for name, run in runs.items():
+                best[name] = min(best[name], timed(run))
+        row = {"batch": batch, **{f"{name}_ms": seconds / tokens * 1e3 for name, seconds in best.items()}}
         rows.append(row)
         print(_line(row, methods), flush=True)
     return {"rows": rows, "tokens": tokens, "repeats": repeats}

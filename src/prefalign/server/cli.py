@@ -38,7 +38,8 @@ def serve(
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step between the decode steps of running streams (benchmarks/long_prompt.py).")] = 32,
     default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Weights' dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (1: measured no slower than 2 on a small CPU, and robust when it is shared).")] = 1,
     fast: Annotated[bool, typer.Option("--fast/--no-fast", help="CPU fast path (prepacked oneDNN linear layers) where available.")] = True,
     backend: Annotated[str, typer.Option(help="transformers (PyTorch) or llamacpp (a GGUF in llama.cpp; prefalign[llamacpp]; no pad).")] = "transformers",
@@ -61,7 +62,9 @@ def serve(
         if backend == "llamacpp":
             aligner = Aligner.from_pretrained(model, backend=backend, threads=threads, prm=prm)
         else:
-            aligner = Aligner.from_pretrained(model, device=device, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend)
+            aligner = Aligner.from_pretrained(
+                model, device=device, dtype=dtype, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend,
+            )
         app = create_app(
             aligner,
             api_key=api_key,

@@ -28,7 +28,10 @@ PROMPTS = [
     "What is a hash table?", "Explain photosynthesis.", "What should I pack for a weekend hike?",
     "Write a haiku about rain.", "What causes inflation?",
 ]
-METHODS = ("base", "amulet", "la", "pad")
+METHODS = ("base", "amulet", "la", "pad", "amulet0", "la0")
+#: amulet0 / la0: the papers' rules (``kl_budget=0``): the engine's cost without the
+#: safeguard's search (which, per token, costs 7 softmaxes over the vocabulary per row).
+VARIANTS = {"amulet0": ("amulet", {"kl_budget": 0.0}), "la0": ("la", {"kl_budget": 0.0})}
 RESULTS = Path(__file__).resolve().parent / "results" / "host_overhead.json"
 
 
@@ -78,9 +81,10 @@ def measure(batches: list[int], tokens: int, repeats: int, methods: tuple[str, .
                 out = model.generate(ids, attention_mask=mask, generation_config=config)
             assert out.shape[1] == ids.shape[1] + tokens
 
-        def ours(method: str) -> None:
+        def ours(variant: str) -> None:
+            method, params = VARIANTS.get(variant, (variant, {}))
             preference = None if method == "base" else "concise"
-            out = al.generate(prompts, preference=preference, method=method, max_new_tokens=tokens, ignore_eos=True)
+            out = al.generate(prompts, preference=preference, method=method, max_new_tokens=tokens, ignore_eos=True, **params)
             assert all(len(r.token_ids) == tokens for r in out)
 
         runs = {"transformers": hf, **{m: (lambda m=m: ours(m)) for m in methods}}
@@ -117,6 +121,7 @@ def main() -> None:
     methods = tuple(args.method or METHODS)
     print("ms per step; base's ratio is to transformers generate, the others' to base")
     print("batch  transformers  " + "  ".join(f"{m:>15}" for m in methods))
+    print("(amulet0, la0: kl_budget=0, the papers' rules without the safeguard)")
     result = measure(args.batch or [1, 8, 32, 64], args.tokens, args.repeats, methods)
     result.update(machine=platform.processor() or platform.machine(), torch=torch.__version__, threads=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

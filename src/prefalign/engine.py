@@ -212,8 +212,9 @@ class _ScoreGroup:
     kind: str
     members: list[_Active]
     tracks: int
-    #: per context: (pass key, rows of that pass's log-probs), one row per track
-    sources: list[tuple[str, torch.Tensor]]
+    #: per context: (pass key, rows of that pass's log-probs: a slice where they lie in
+    #: order, else an index tensor), one row per track
+    sources: list[tuple[str, slice | torch.Tensor]]
     #: all contexts in one pass, rows ``start .. start + tracks·K`` in (track, context)
     #: order: the stacked ``[tracks, K, V]`` block is a view, no gather
     view: tuple[str, int] | None
@@ -582,7 +583,11 @@ class Engine:
             for column in located:
                 if len({key for key, _ in column}) != 1:
                     raise RuntimeError("a context's rows are split over two models' caches")  # never: one pass per key
-                sources.append((column[0][0], torch.tensor([i for _, i in column], dtype=torch.long, device=_runner_device(self._states[column[0][0]].runner))))
+                rows = [i for _, i in column]
+                if rows == list(range(rows[0], rows[0] + len(rows))):
+                    sources.append((column[0][0], slice(rows[0], rows[0] + len(rows))))  # in order: a view
+                else:
+                    sources.append((column[0][0], torch.tensor(rows, dtype=torch.long, device=_runner_device(self._states[column[0][0]].runner))))
             view = None
             if len(keys) == 1:
                 start = located[0][0][1]
@@ -608,7 +613,10 @@ class Engine:
             key, start = group.view
             rows = logprobs[key]
             return rows[start:start + group.tracks * len(group.sources)].view(group.tracks, len(group.sources), rows.shape[-1])
-        return torch.stack([logprobs[key].index_select(0, index) for key, index in group.sources], dim=1)
+        return torch.stack(
+            [logprobs[key][index] if isinstance(index, slice) else logprobs[key].index_select(0, index) for key, index in group.sources],
+            dim=1,
+        )
 
     def _score_and_choose(
         self, plan: _StepPlan, logprobs: dict[str, torch.Tensor], deltas: list[Delta]

@@ -126,4 +126,6 @@ def contrast(pref: torch.Tensor, base: torch.Tensor, strength: float | torch.Ten
     """
     # The big tensor first: a broadcast first operand takes a slow path (~5x on a CPU);
     # the products are the same bits (multiplication commutes exactly).
-    return pref * (1.0 + strength) - base * strength
+    # In place where it can be: each [rows, V] temporary is fresh memory to fault in.
+    out = pref * (1.0 + strength)
+    return out.sub_(base * strength)

@@ -129,3 +129,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load a model fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("prefalign.aligner.Aligner.from_pretrained", refuse)
+    monkeypatch.setattr("prefalign.models.load_model", refuse)
+    monkeypatch.setattr("prefalign.aligner.load_model", refuse, raising=False)

@@ -131,7 +131,7 @@ def test_run_validates_every_request_before_queueing_any(llama_aligner):
     assert not al.engine.has_work
 
 
-@pytest.mark.parametrize("weights", [(0.0,), (-1.0,), (float("inf"),), (float("nan"),), (1e308, 1e308), ()])
+@pytest.mark.parametrize("weights", [(0.0,), (-1.0,), (float("inf"),), (float("nan"),), ()])
 def test_a_request_built_by_hand_is_refused_bad_weights(llama_aligner, weights):
     made = llama_aligner.build_request(PROMPTS[1], "concise", "amulet", max_new_tokens=3)
     with pytest.raises(PrefalignError) as info:

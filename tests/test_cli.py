@@ -94,7 +94,7 @@ def test_make_pairs_and_train_prm_commands(model_dir, tiny_llama, tokenizer, sha
                               "--on-policy-param", "bogus=1", "--data-dir", str(shared_data)])
     assert bad.exit_code == 2 and "no parameter 'bogus'" in bad.output
     bad = runner.invoke(app, ["make-pairs", "--output", str(tmp_path / "x.jsonl"), "--on-policy-pairs", "--data-dir", str(shared_data)])
-    assert bad.exit_code == 2 and "need --on-policy" in bad.output
+    assert bad.exit_code == 2 and "need an on_policy method" in bad.output
 
     pairs = tmp_path / "train.jsonl"
     pairs.write_text("".join(json.dumps({"preference": p, "prompt": f"Question {i}?", "chosen": c, "rejected": r}) + "\n"

@@ -15,18 +15,6 @@ from prefalign.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any attempt to load a model fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr("prefalign.aligner.Aligner.from_pretrained", refuse)
-    monkeypatch.setattr("prefalign.models.load_model", refuse)
-    monkeypatch.setattr("prefalign.aligner.load_model", refuse, raising=False)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_llama, tokenizer):
     path = tmp_path_factory.mktemp("tiny")

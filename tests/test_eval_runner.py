@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -241,3 +242,28 @@ def test_a_sweep_reads_only_its_own_methods_spellings():
         expand_methods(["la"], ["la.min_p=0.1"])  # PAD's old name is not la's
     (variant,) = expand_methods(["pad"], ["pad.min_p=0.1"])
     assert variant.overrides == (("plausibility", 0.1),)
+
+
+#: Written by the runner before it was split into plan/execute/ray_executor (main at
+#: 156d5d5, the tiny Llama, /tmp script in the commit message): 16 rows.
+WRITTEN_BEFORE_SPLIT = Path(__file__).parent / "data" / "eval_written_before_split"
+
+
+def test_a_directory_written_before_the_split_resumes_without_decoding(tmp_path, monkeypatch, tiny_llama, tokenizer):
+    import shutil
+
+    from prefalign.eval.execute import ResultRow
+
+    out = tmp_path / "run"
+    shutil.copytree(WRITTEN_BEFORE_SPLIT, out)
+    before = (out / "results.jsonl").read_text()
+    monkeypatch.chdir(out)  # the old run named its dataset "qa.json"
+    al = Aligner(tiny_llama, tokenizer)
+    monkeypatch.setattr(al.engine, "session", lambda *a, **k: pytest.fail("a row written before was decoded again"))
+    config = EvalConfig(datasets=["qa.json"], preferences=["concise", "formal"], methods=["base", "pref", "amulet"],
+                        sweeps=["amulet.alpha=1,4"], max_new_tokens=3, batch_size=3, fast=False, threads=1)
+    summary = run_eval(config, out, aligner=al, progress=False, report=False)
+    assert (summary.rows_total, summary.rows_skipped, summary.rows_written) == (16, 16, 0)
+    assert (out / "results.jsonl").read_text() == before
+    rows = read_results(out)
+    assert all(set(row) <= set(ResultRow.__annotations__) for row in rows)  # the typed row names every key

@@ -105,6 +105,53 @@ def test_report_lists_replaced_and_fused_layers(tiny):
 
 
 @needs_onednn
+def test_each_weight_is_packed_once(tiny):
+    """A fused group's members hold no packed copy of their own: one packed copy per weight."""
+    fast, _ = _fast(tiny)
+    packed: list[torch.Tensor] = []
+    groups: dict[int, fastpath.FusedLinearGroup] = {}
+    for module in fast.modules():
+        if isinstance(module, PackedLinear):
+            if module._group is not None:
+                assert module._packed is None and module._packed_bias is None
+                groups[id(module._group)] = module._group
+            else:
+                packed.append(module._packed)
+    packed += [group._packed for group in groups.values()]
+    linear_elements = sum(m.weight.numel() for m in tiny.modules() if isinstance(m, nn.Linear))
+    assert sum(t.numel() for t in packed) == linear_elements
+
+
+@needs_onednn
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_weights_mapped_from_a_file_are_released_and_stay_readable(tmp_path):
+    """The fp32 originals the fast path packed are paged out of a file-mapped model, not lost."""
+    from transformers import AutoModelForCausalLM
+
+    _tiny(tie=True).save_pretrained(tmp_path)  # safetensors: loaded back by mmap
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _ids()
+    with torch.no_grad():
+        reference = model(ids).logits
+    report = optimize_for_cpu(model)
+    assert report.active
+    if not fastpath._file_mappings() or report.released == 0:
+        pytest.skip("weights not file-mapped here or madvise(MADV_PAGEOUT) unsupported")
+    linear = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, PackedLinear))
+    assert 0 < report.released <= linear
+    with torch.no_grad():
+        _assert_close(model(ids).logits, reference, FP32_RTOL)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # read back from the file
+
+
+@needs_onednn
+def test_weights_built_in_memory_are_not_released(tiny):
+    fast, report = _fast(tiny)
+    assert report.released == 0
+
+
+@needs_onednn
 def test_state_dict_and_tied_weights_unchanged():
     model = _tiny(tie=True)
     keys = list(model.state_dict())

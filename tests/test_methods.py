@@ -81,7 +81,7 @@ def test_roles():
     assert [r.preference for r in make_method("amulet").roles(2)] == [None, 0, 1]
     assert [r.preference for r in make_method("pref").roles(2)] == [0, 1]
     assert [r.preference for r in make_method("base").roles(3)] == [None]
-    assert make_method("beam").beam_width == 16
+    assert make_method("beam").search().width == 16
 
 
 @pytest.mark.parametrize(

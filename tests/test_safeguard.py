@@ -213,3 +213,66 @@ def test_the_accelerator_path_without_host_checks_gives_the_same_strengths():
     whole = _bounded_rows(p, b, 4.6487, 0.5, STEPS, early_exit=False)
     assert torch.equal(chunked, whole)
     assert (whole[:4] == 4.6487).all() and (whole[4:] < 4.6487).any()
+
+
+# --- the repetition guard ------------------------------------------------------------------
+
+
+def _completing(answer: list[int], n: int) -> set[int]:
+    """Tokens that would repeat an n-gram of ``answer``, by brute force over its n-grams."""
+    if len(answer) < n - 1:
+        return set()
+    prefix = tuple(answer[len(answer) - (n - 1):]) if n > 1 else ()
+    return {answer[i + n - 1] for i in range(len(answer) - n + 1) if tuple(answer[i : i + n - 1]) == prefix}
+
+
+@pytest.mark.parametrize("method", ["la", "amulet"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_repeat_guard_equals_the_safeguard_on_a_base_without_the_repeats_lead(method, n):
+    """Guarded scores equal the plain safeguard computed with ``b`` raised to ``p`` on the
+    tokens that would complete a repeated n-gram (found by brute force)."""
+    from prefalign.decoding.repetition import Histories, TokenHistory
+
+    V = 40
+    lp = _logprobs(3, 2, v=V, seed=7)
+    w = torch.ones(1, dtype=lp.dtype)
+    g = torch.Generator().manual_seed(1)
+    answers = [torch.randint(0, 6, (30,), generator=g).tolist() for _ in range(3)]
+    answers[2] = answers[2][:1]  # too short to repeat anything
+    guarded = make_method(method, repeat_ngram=n)
+    got = guarded.score(lp, w, history=Histories([TokenHistory([99], a) for a in answers]))
+    b, p = lp[:, 0].clone(), lp[:, 1]
+    marked = 0
+    for row, answer in enumerate(answers):
+        for token in _completing(answer, n):
+            marked += 1
+            b[row, token] = max(b[row, token], p[row, token])
+    assert marked > 0
+    expected = make_method(method, repeat_ngram=0).score(torch.stack([b, p], dim=1), w)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[2], make_method(method, repeat_ngram=0).score(lp, w)[2])  # nothing to guard
+
+
+def test_repeat_guard_never_lifts_a_repeat_above_the_preference_context():
+    from prefalign.decoding.repetition import Histories, TokenHistory
+
+    lp = _logprobs(1, 2, v=30, seed=9)
+    b, p = lp[0, 0], lp[0, 1]
+    token = int((p - b).argmax())  # the token the contrast favours most
+    answer = [token, 3, token, 3]  # "token 3" already occurred: after 3, token completes it
+    for method in ("la", "amulet"):
+        rule = make_method(method, repeat_ngram=2)
+        plain = torch.log_softmax(make_method(method, repeat_ngram=0).score(lp, torch.ones(1, dtype=lp.dtype)), -1)[0]
+        guarded = torch.log_softmax(rule.score(lp, torch.ones(1, dtype=lp.dtype), history=Histories([TokenHistory([], answer)])), -1)[0]
+        assert plain[token] > p[token]  # unguarded, the repeat is amplified
+        assert guarded[token] <= p[token] + 1e-9
+
+
+def test_repeat_guard_is_part_of_the_safeguard():
+    for name in ("la", "amulet"):
+        assert make_method(name).uses_history and make_method(name).repeat_ngram == 3
+        assert not make_method(name, kl_budget=0).uses_history  # the paper's rule reads no history
+        assert not make_method(name, repeat_ngram=0).uses_history
+        with pytest.raises(PrefalignError) as err:
+            make_method(name, repeat_ngram=-1)
+        assert err.value.field == "repeat_ngram"

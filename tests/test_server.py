@@ -23,6 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from prefalign import Aligner  # noqa: E402
 from prefalign.server import create_app  # noqa: E402
+from prefalign.server.transport import ConnectionLimits, uvicorn_settings  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -36,12 +37,13 @@ MAX_BODY = 64_000
 class LiveServer:
     """uvicorn in a thread on a free loopback port, the socket bound before start."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, limits: ConnectionLimits | None = None) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        # The connection limits of `prefalign serve` (its defaults unless given).
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, **uvicorn_settings(limits))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -118,7 +120,7 @@ def still_serves(client: Any) -> None:
 
 CASES = {
     "base": ({}, dict(preference=None, method="base")),
-    "amulet-default": ({"preference": "concise"}, dict(preference="concise", method="amulet")),
+    "pref-default": ({"preference": "concise"}, dict(preference="concise", method="pref")),
     "la-weighted": (
         {"preference": [{"text": "Answer like a pirate.", "weight": 2.0}, "formal"], "alignment": {"method": "la", "ratio": 1.5}},
         dict(preference=[{"text": "Answer like a pirate.", "weight": 2.0}, "formal"], method="la", ratio=1.5),
@@ -129,7 +131,7 @@ CASES = {
     ),
     "beam": ({"preference": "formal", "alignment": {"method": "beam", "width": 2}}, dict(preference="formal", method="beam", width=2)),
     "sampled-seed": (
-        {"preference": "concise", "temperature": 0.9, "top_p": 0.9, "seed": 7},
+        {"preference": "concise", "alignment": {"method": "amulet"}, "temperature": 0.9, "top_p": 0.9, "seed": 7},
         dict(preference="concise", method="amulet", temperature=0.9, top_p=0.9, seed=7),
     ),
 }
@@ -189,10 +191,10 @@ def test_response_echoes_alignment_and_usage(client):
 
 
 def test_stop_strings_match_the_engine(client, reference):
-    free = reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=24, ignore_eos=True)[0].text
+    free = reference.generate(CHAT, preference="concise", method="pref", max_new_tokens=24, ignore_eos=True)[0].text
     stop = free[8:11]
     assert stop.strip(), free
-    expected = reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
+    expected = reference.generate(CHAT, preference="concise", method="pref", max_new_tokens=24, ignore_eos=True, stop=[stop])[0]
     kwargs = _create_kwargs({"preference": "concise", "ignore_eos": True}, max_tokens=24)
     out = client.chat.completions.create(stop=[stop], **kwargs)
     assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected.text, "stop")
@@ -255,6 +257,10 @@ BAD_BODIES = [
     ("beam with sampling", {"alignment": {"method": "beam", "width": 2}, "preference": "concise", "temperature": 0.5}, 400, "temperature"),
     ("n", {"n": 2}, 400, "n"),
     ("unsupported feature", {"logprobs": True}, 400, "logprobs"),
+    ("frequency_penalty range", {"frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("presence_penalty range", {"presence_penalty": -3}, 400, "presence_penalty"),
+    ("repetition_penalty range", {"repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("no_repeat_ngram_size range", {"no_repeat_ngram_size": -1}, 400, "no_repeat_ngram_size"),
     ("unknown model", {"model": "gpt-4o"}, 404, "model"),
 ]
 
@@ -269,6 +275,17 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(live, client, name
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and error["message"]
     still_serves(client)
+
+
+def test_repetition_controls_through_the_official_client(client):
+    """OpenAI's penalties as fields, transformers' as vLLM-style extension fields: accepted
+    and decoded (their effect is tested in tests/test_repetition.py)."""
+    out = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=24, temperature=0, frequency_penalty=1.0, presence_penalty=0.5,
+        extra_body={"repetition_penalty": 1.2, "no_repeat_ngram_size": 1, "preference": "concise", "ignore_eos": True},
+    )
+    text = out.choices[0].message.content
+    assert out.usage.completion_tokens == 24 and text
 
 
 def test_bad_input_through_the_official_client(client):

@@ -75,7 +75,6 @@ DOOR = [
     # (name, body changes or raw bytes, content type, status, param, code)
     ("seed too large", {"seed": 2**64}, "application/json", 400, "seed", "invalid_value"),
     ("seed too small", {"seed": -(2**63) - 1}, "application/json", 400, "seed", "invalid_value"),
-    ("weights overflow", {"preference": [{"text": "Be brief.", "weight": 1e308}, {"text": "Be kind.", "weight": 1e308}]}, "application/json", 400, "preference", "invalid_value"),
     ("weight zero", {"preference": [{"text": "Be brief.", "weight": 0}]}, "application/json", 400, "preference", "invalid_value"),
     ("weight Infinity", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "preference": [{"text": "Be brief.", "weight": Infinity}]}', "application/json", 400, None, "invalid_json"),
     ("NaN temperature", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "application/json", 400, None, "invalid_json"),
@@ -86,7 +85,7 @@ DOOR = [
     ("no content type", OK_BODY, None, 415, None, "unsupported_media_type"),
     ("text over the character cap", {"messages": [{"role": "user", "content": "a" * 5000}]}, "application/json", 400, "messages", "context_length_exceeded"),
     ("prompt over the token cap", {"messages": [{"role": "user", "content": "word " * 400}]}, "application/json", 400, "messages", "context_length_exceeded"),
-    ("prompt over the cap counted over contexts", {"messages": [{"role": "user", "content": "word " * 160}], "preference": "concise"}, "application/json", 400, "messages", "context_length_exceeded"),
+    ("prompt over the cap counted over contexts", {"messages": [{"role": "user", "content": "word " * 160}], "preference": "concise", "alignment": {"method": "amulet"}}, "application/json", 400, "messages", "context_length_exceeded"),
 ]
 
 
@@ -203,10 +202,15 @@ def test_poison_inputs_while_four_streams_run(tiny, tokenizer, explodes):
     app = create_app(Aligner(tiny, tokenizer), model_id="tiny", max_tokens_cap=64, prefill_chunk=16)
     poison = [
         {**OK_BODY, "seed": 2**64, "temperature": 0.5},
-        {**OK_BODY, "preference": [{"text": "Be brief.", "weight": 1e308}, {"text": "Be kind.", "weight": 1e308}]},
+        {**OK_BODY, "preference": [{"text": "Be brief.", "weight": 0}, {"text": "Be kind.", "weight": 1}]},
         {**OK_BODY, "max_tokens": 0},
         {**OK_BODY, "alignment": {"method": explodes}},
         {**OK_BODY, "messages": [{"role": "user", "content": "long " * 1500}]},  # legal, long: prefilled in chunks
+    ]
+    # Weights however far apart are valid (scaled by the request): they decode, every method.
+    extreme = [
+        {**OK_BODY, "preference": [{"text": "Be brief.", "weight": w1}, {"text": "Be kind.", "weight": w2}], "alignment": {"method": m}}
+        for m in ("pref", "la", "amulet") for w1, w2 in ((1e300, 1.0), (1e308, 1e308), (5e-324, 1.0))
     ]
     with LiveServer(app) as server, ThreadPoolExecutor(8) as pool:
         streams = [pool.submit(_good_stream, server, p) for p in prompts]
@@ -214,6 +218,10 @@ def test_poison_inputs_while_four_streams_run(tiny, tokenizer, explodes):
         statuses = [post(server, body).status_code for body in poison]
         assert statuses[:3] == [400, 400, 400]
         assert statuses[3] == 500 and statuses[4] == 200
+        for body in extreme:
+            response = post(server, body)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert [f.result(timeout=120) for f in streams] == expected
         failed = post(server, {**OK_BODY, "alignment": {"method": explodes}})
         error = failed.json()["error"]

@@ -13,18 +13,13 @@ import torch
 from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
 from .errors import ContextLengthError, PrefalignError
 from .methods import POLICY, PRM, Method, make_method
-from .models import EMBEDDED_DISPLAY_NAME, load_model, prepare_tokenizer
+from .models import load_model, prepare_tokenizer
 from .prompts import Chat, Preference, PromptLike, encode_context, parse_preferences, to_chat
+from .rules import BACKENDS, PAD_BACKEND_MESSAGE, check_backend, check_preferences, check_prm_given, choose_method
 
 log = logging.getLogger(__name__)
 
-#: What runs the policy model.
-BACKENDS = ("transformers", "llamacpp")
-PAD_BACKEND_MESSAGE = (
-    "method 'pad' runs on the transformers backend only: its reward model is the policy's torch backbone "
-    "plus LoRA adapters and a linear layer, which llama.cpp cannot apply to some rows of a batch; "
-    "load the model with backend='transformers' (CLI: --backend transformers)"
-)
+__all__ = ["BACKENDS", "PAD_BACKEND_MESSAGE", "Aligner", "StreamEvent"]  # BACKENDS and PAD_BACKEND_MESSAGE: from rules.py
 
 
 @dataclass
@@ -94,8 +89,7 @@ class Aligner:
         ``prm``: a personalised reward model directory for method ``pad`` (``"default"``:
         the PRM shipped for the embedded model); None loads it lazily on first use.
         """
-        if backend not in BACKENDS:
-            raise PrefalignError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}", field="backend")
+        check_backend(backend)
         if fast not in (True, False, "auto", "fp32", "bf16"):
             raise PrefalignError(f"fast must be true, false, 'auto', 'fp32' or 'bf16', got {fast!r}", field="fast")
         if backend == "transformers":  # checked before anything loads
@@ -146,19 +140,12 @@ class Aligner:
         if self.backend != "transformers":
             raise PrefalignError(PAD_BACKEND_MESSAGE, field="method")
         name = getattr(self.model.config, "name_or_path", None) or type(self.model).__name__
-        if path is None and name != EMBEDDED_DISPLAY_NAME:
-            raise PrefalignError(
-                f"method 'pad' needs a personalised reward model (PRM) trained for the policy {name!r}, "
-                "and prefalign ships one only for the embedded model: pass one with "
-                "Aligner.from_pretrained(..., prm=PATH), Aligner.load_prm(PATH) or `--prm PATH`, "
-                "or train one with `prefalign train-prm`",
-                field="prm",
-            )
+        check_prm_given(name, path)
         try:
             from . import prm as prm_api
         except ImportError as exc:
             raise PrefalignError(
-                f"method 'pad' needs a personalised reward model, but PRM support cannot be imported ({exc}); "
+                f"PRM support cannot be imported ({exc}), and method 'pad' needs it; "
                 "install it with `pip install 'prefalign[prm]'`",
                 field="prm",
             ) from exc
@@ -167,8 +154,8 @@ class Aligner:
                 path = prm_api.default_prm_path()
             except Exception as exc:
                 raise PrefalignError(
-                    f"method 'pad' needs a personalised reward model (PRM), and the one shipped for the embedded "
-                    f"model is not available ({exc}); pass one with prm=PATH / `--prm PATH` "
+                    f"the personalised reward model (PRM) shipped for the embedded model, which method 'pad' needs, "
+                    f"is not available ({exc}); pass one with prm=PATH / `--prm PATH` "
                     "or train one with `prefalign train-prm`",
                     field="prm",
                 ) from exc
@@ -210,7 +197,7 @@ class Aligner:
         self,
         prompt: PromptLike,
         preference: Any = None,
-        method: str | Method = "amulet",
+        method: str | Method | None = None,
         *,
         sampling: SamplingParams | None = None,
         template: str | None = None,
@@ -221,6 +208,10 @@ class Aligner:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
         **method_params: Any,
     ) -> GenerationRequest:
         """Validate one prompt's arguments and render its contexts into an engine request.
@@ -229,18 +220,16 @@ class Aligner:
         names (``max_new_tokens``, ``temperature``, ...), which override ``sampling``'s;
         the remaining keywords are the method's parameters. ``max_new_tokens=None`` with
         no ``sampling``: 128. Each setting is checked once, by the object that holds it.
+        ``method=None``: ``pref`` with a preference, ``base`` without (:func:`prefalign.rules.choose_method`).
         """
-        rule = make_method(method, **method_params)
-        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     seed=seed, stop=stop, ignore_eos=ignore_eos)
-        decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
         preferences = parse_preferences(preference)
-        if rule.needs_preference and not preferences:
-            raise PrefalignError(
-                f"method {rule.name!r} needs a preference (a preset name such as 'concise' or a sentence); "
-                "use method 'base' to answer without one",
-                field="preference",
-            )
+        rule = make_method(choose_method(method, preferences), **method_params)
+        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     seed=seed, stop=stop, ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+                     presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+                     no_repeat_ngram_size=no_repeat_ngram_size)
+        decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
+        check_preferences(rule, len(preferences))
         if not rule.needs_preference:
             preferences = preferences[:1]  # base ignores it; keep one so role indices stay valid
         chat = to_chat(prompt)
@@ -248,6 +237,14 @@ class Aligner:
         contexts = self._contexts(chat, preferences, rule, template)
         window = self.context_window
         longest = max(len(ids) for _, ids in contexts)
+        if window and longest >= window:
+            # No room for even one new token: the prompt itself is the problem, not max_new_tokens.
+            raise ContextLengthError(
+                f"the prompt is {longest} tokens (its longest context, with the chat template); the model's "
+                f"context window is {window} tokens, which leaves no room for an answer: shorten the prompt "
+                f"to fewer than {window} tokens",
+                field="prompt",
+            )
         if window and longest + decoding.max_new_tokens > window:
             raise ContextLengthError(
                 f"prompt ({longest} tokens) + max_new_tokens ({decoding.max_new_tokens}) exceeds the model's context window "
@@ -287,24 +284,33 @@ class Aligner:
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method = "amulet", **kwargs: Any) -> list[GenerationResult]:
+    def generate(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> list[GenerationResult]:
         """Answer each prompt; returns one :class:`GenerationResult` per prompt, in order.
 
         ``prompts`` is a string, a chat (list of ``{role, content}``) or a list of these.
         ``preference`` is a preset name, a sentence, or a list of ``(text, weight)``.
+        ``method``: a name or a :class:`Method`; None: ``pref`` with a preference, ``base``
+        without one (the default of every face, :func:`prefalign.rules.choose_method`).
         ``kwargs``: ``max_new_tokens``, ``template``, ``temperature``, ``top_p``, ``top_k``,
-        ``seed``, ``stop``, ``ignore_eos`` and the method's parameters (e.g. ``alpha``).
+        ``seed``, ``stop``, ``ignore_eos``, the repetition controls (``frequency_penalty``,
+        ``presence_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``; see
+        :class:`SamplingParams`) and the method's parameters (e.g. ``alpha``).
         """
+        return self.engine.generate(self._requests(prompts, preference, method, kwargs))
+
+    def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> Iterator[StreamEvent]:
+        """Like :meth:`generate`, but yields text deltas as tokens are chosen."""
+        requests = self._requests(prompts, preference, method, kwargs)
+        return self._stream(requests)
+
+    def _requests(self, prompts: Any, preference: Any, method: str | Method | None, kwargs: dict[str, Any]) -> list[GenerationRequest]:
+        """One checked request per prompt (no prompts: an error, for generate and stream alike)."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:
             raise PrefalignError("no prompts given", field="prompt")
-        requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
-        return self.engine.generate(requests)
+        return [self.build_request(p, preference, method, **kwargs) for p in batch]
 
-    def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method = "amulet", **kwargs: Any) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, but yields text deltas as tokens are chosen."""
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
-        requests = [self.build_request(p, preference, method, **kwargs) for p in batch]
+    def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
         index = {r.request_id: i for i, r in enumerate(requests)}
         # The session cancels whatever is unfinished when the consumer stops early (break, Ctrl-C).
         with self.engine.session(requests) as session:

@@ -13,8 +13,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (
-    DEFAULT_METHOD_WITH_PREFERENCE,
-    DEFAULT_METHOD_WITHOUT_PREFERENCE,
     METHOD_HELP,
     CheckedRequest,
     BackendOpt,
@@ -25,7 +23,6 @@ from .cli_options import (
     ThreadsOpt,
     DeviceOpt,
     DtypeOpt,
-    check_backend,
     check_prm_path,
     check_request,
     fast_setting,
@@ -41,6 +38,7 @@ from .cli_options import (
     warn,
 )
 from .errors import PrefalignError
+from .rules import check_backend, choose_method
 
 app = typer.Typer(
     help="Personalised alignment at decoding time (Amulet, PAD, Linear Alignment) for Hugging Face causal LMs.",
@@ -137,13 +135,13 @@ def generate(
         )
         prefs, method = checked.preference, checked.method
         if as_json or not stream:
-            result = aligner.generate(chat, preference=prefs, method=method, **kwargs)[0]
+            request = aligner.build_request(chat, prefs, method, **kwargs)  # built once: its method echoes the params
+            result = aligner.engine.generate([request])[0]
             if as_json:
                 print(json.dumps({
                     "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                     "usage": result.usage.as_dict(), "seconds": round(result.seconds, 3), "method": method,
-                    "preference": preferences_json(prefs),
-                    "params": aligner.build_request(chat, prefs, method, **kwargs).method.params(),
+                    "preference": preferences_json(prefs), "params": request.method.params(),
                 }, ensure_ascii=False))
             else:
                 print(result.text)
@@ -212,7 +210,8 @@ class WordWrapper:
 CHAT_HELP = """\
 /pref TEXT     set the preference (a preset or a sentence); /pref none clears it
 /method [NAME] show or set the method (base, pref, beam, la, amulet, pad)
-/param K=V     set a method parameter; /param alone shows them, /param clear resets
+/param K=V     set a method parameter or a repetition control (e.g.
+               repetition_penalty=1.2); /param alone shows them, /param clear resets
 /reset         forget the conversation
 /help          this list
 /quit          leave (also Ctrl-D)"""
@@ -279,6 +278,7 @@ def chat(
     dtype: str = DtypeOpt,
 ) -> None:
     """Interactive chat. Type /help for the commands (/pref, /method, /param, /reset, /quit)."""
+    from .decoding.sampling import SamplingParams, split_repetition
     from .methods import make_method
     from .prompts import parse_preferences
 
@@ -317,9 +317,7 @@ def chat(
         return preference_argument(pref_texts, pref_weights)
 
     def current_method() -> str:
-        if chosen_method is not None:
-            return chosen_method
-        return DEFAULT_METHOD_WITH_PREFERENCE if pref_texts else DEFAULT_METHOD_WITHOUT_PREFERENCE
+        return str(choose_method(chosen_method, pref_texts))
 
     def describe_method() -> str:
         shown = current_method() + ("" if chosen_method else " (default)")
@@ -367,10 +365,9 @@ def chat(
                         show_warnings(check(current_method(), params))
                 elif command == "method":
                     if arg:
-                        name = make_method(arg).name
-                        check(name, {})  # e.g. amulet without a preference: refused here, not at the next message
-                        chosen_method, params = name, {}
-                        show_warnings(check(name, {}))
+                        checked = check(arg, {})  # e.g. amulet without a preference: refused here, not at the next message
+                        chosen_method, params = checked.method, split_repetition(params)[1]  # repetition controls stay
+                        show_warnings(checked)
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "param":
                     if not arg:
@@ -380,7 +377,9 @@ def chat(
                         params = {}
                     else:
                         candidate = {**params, **parse_params([arg])}
-                        make_method(current_method(), **candidate)
+                        method_params, repetition = split_repetition(candidate)
+                        make_method(current_method(), **method_params)
+                        SamplingParams(**repetition)
                         params = candidate
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "reset":

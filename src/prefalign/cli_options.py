@@ -18,14 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import PrefalignError
+from .rules import check_preferences, check_prm_given, check_prm_path, choose_method  # noqa: F401 (check_prm_path: for the commands)
 
 err_console = Console(stderr=True)
-
-#: The method used when none is given: ``base`` without a preference, ``pref`` with one
-#: (the preference in the system prompt: what measurably follows a preference on the
-#: embedded model without collapsing, docs/results/amulet/report.md).
-DEFAULT_METHOD_WITHOUT_PREFERENCE = "base"
-DEFAULT_METHOD_WITH_PREFERENCE = "pref"
 METHOD_HELP = (
     "base, pref, beam, la, amulet or pad (`prefalign methods`). "
     "Default: base without a preference, pref with one."
@@ -63,7 +58,11 @@ BackendOpt = typer.Option(
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda.")
 DtypeOpt = typer.Option("auto", "--dtype", help="Weights' dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
-ParamOpt = typer.Option([], "--param", "-P", metavar="K=V", help="Method parameter key=value, e.g. alpha=2 (repeatable).")
+ParamOpt = typer.Option(
+    [], "--param", "-P", metavar="K=V",
+    help="Method parameter key=value, e.g. alpha=2, or a repetition control: frequency_penalty, "
+    "presence_penalty, repetition_penalty, no_repeat_ngram_size (repeatable).",
+)
 PreferenceOpt = typer.Option([], "--preference", "--preferences", "-p", metavar="PREF", help=PREFERENCE_HELP)
 
 
@@ -75,6 +74,34 @@ def prm_option(help: str = PRM_HELP, default: Any = None) -> Any:
 def max_new_tokens_option(default: Any, help: str = "Most tokens to generate.") -> Any:
     """``--max-new-tokens/-n N`` with the command's own default."""
     return typer.Option(default, "--max-new-tokens", "-n", help=help)
+
+
+def field_option(config: type, name: str, *param_decls: str, **kwargs: Any) -> Any:
+    """A typer option whose default and help are those of the dataclass ``config``'s
+    field ``name`` (its ``metadata["help"]``): each setting's help is written once,
+    next to its field (:mod:`prefalign.prm.config`)."""
+    import dataclasses
+
+    spec = {f.name: f for f in dataclasses.fields(config)}[name]
+    if spec.default is not dataclasses.MISSING:
+        default = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        default = spec.default_factory()
+    else:
+        default = ...
+    kwargs.setdefault("help", spec.metadata["help"])
+    return typer.Option(kwargs.pop("default", default), *param_decls, **kwargs)
+
+
+def config_from(config: type, options: dict[str, Any], **converted: Any) -> Any:
+    """``config(**fields)``: the command's options named after the dataclass's fields,
+    with ``converted`` in place of theirs (the settings a command spells differently,
+    e.g. minutes for seconds). The dataclass checks the values, so a bad one fails
+    before anything loads."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config)}
+    return config(**{**{k: v for k, v in options.items() if k in names}, **converted})
 
 
 def fast_setting(fast: str) -> str | bool:
@@ -90,16 +117,6 @@ def split_preferences(values: Sequence[str]) -> list[str]:
 
     return split_preference_values(values)
 
-
-def check_backend(backend: str, method: str | None = None) -> None:
-    """Refuse an unknown backend, and PAD on llama.cpp, before anything loads."""
-    from .aligner import BACKENDS, PAD_BACKEND_MESSAGE  # imported with the package already
-    from .suggest import did_you_mean
-
-    if backend not in BACKENDS:
-        raise PrefalignError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}{did_you_mean(backend, BACKENDS)}", field="backend")
-    if backend == "llamacpp" and method == "pad":
-        raise PrefalignError(PAD_BACKEND_MESSAGE, field="method")
 
 # --- optional dependencies ------------------------------------------------------------
 
@@ -238,19 +255,18 @@ def check_request(
 ) -> CheckedRequest:
     """Validate everything that does not need the model; raise :class:`PrefalignError` if wrong.
 
-    Picks the default method (:data:`DEFAULT_METHOD_WITH_PREFERENCE` or
-    :data:`DEFAULT_METHOD_WITHOUT_PREFERENCE`) when ``method`` is None, and collects
-    warnings for settings that would otherwise be ignored silently.
+    Picks the default method (:func:`prefalign.rules.choose_method`, the rule of every
+    face) when ``method`` is None, and collects warnings for settings that would
+    otherwise be ignored silently.
     """
-    from .engine import SamplingParams
+    from .decoding.sampling import SamplingParams, split_repetition
     from .methods import PARAM_ALIASES, PRM, make_method
     from .prompts import TEMPLATES, parse_preferences
 
     prefs = preference_argument(split_preferences(preference), weight)
     parsed = parse_preferences(prefs)
     defaulted = method is None
-    if method is None:
-        method = DEFAULT_METHOD_WITH_PREFERENCE if parsed else DEFAULT_METHOD_WITHOUT_PREFERENCE
+    method = str(choose_method(method, parsed))
     params = parse_params(param)
     warnings: list[str] = []
     if w is not None:
@@ -262,13 +278,9 @@ def check_request(
                 )
             params.pop(key)
         params["w"] = w
-    rule = make_method(method, **params)
-    if rule.needs_preference and not parsed:
-        raise PrefalignError(
-            f"method {rule.name!r} needs a preference: add -p concise (a preset) or -p 'a sentence', "
-            "or use --method base to answer without one",
-            field="preference",
-        )
+    method_params, repetition = split_repetition(params)
+    rule = make_method(method, **method_params)
+    check_preferences(rule, len(parsed))
     if not rule.needs_preference and parsed:
         warnings.append(f"method {rule.name!r} ignores the preference ({describe_preferences(prefs)}); use --method pref to follow it")
     if template is not None and template not in TEMPLATES:
@@ -279,7 +291,7 @@ def check_request(
             field="template",
         )
     # The object every caller builds checks these, so the CLI says what the API says.
-    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens, **repetition)
     uses_prm = PRM in rule.extra_models
     if prm is not None:
         if not uses_prm:
@@ -288,24 +300,9 @@ def check_request(
         else:
             check_prm_path(prm)
     if uses_prm:
-        if prm is None and model not in (None, "", "embedded"):
-            raise PrefalignError(
-                "method 'pad' needs a PRM trained for this model: pass --prm PATH "
-                "(prefalign ships one only for the embedded model; train one with `prefalign train-prm`)",
-                field="prm",
-            )
+        check_prm_given(model, prm)
         warnings.extend(prm_preference_warnings(prm, parsed))
     return CheckedRequest(method=rule.name, method_defaulted=defaulted, params=params, preference=prefs, prm=prm, warnings=warnings)
-
-
-def check_prm_path(prm: str | Path) -> Path:
-    """A PRM directory that exists and holds a ``prm_config.json``, else a clear error."""
-    path = Path(prm).expanduser()
-    if not path.exists():
-        raise PrefalignError(f"PRM not found: {path} (a directory written by `prefalign train-prm`)", field="prm")
-    if not (path / "prm_config.json").is_file():
-        raise PrefalignError(f"{path} is not a PRM directory: it has no prm_config.json", field="prm")
-    return path
 
 
 def prm_preference_warnings(prm: str | Path | None, preferences: Sequence[Any]) -> list[str]:

@@ -23,8 +23,10 @@ One step (see docs/architecture.md):
    last position's log-softmax of each row is gathered per request into a
    ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
    scores. Requests sharing a method and weights are combined in one call.
-3. Each request's strategy turns its scores into tokens; the token is appended to all K
-   contexts of its track; EOS, stop strings and ``max_new_tokens`` end a request.
+3. The repetition controls of the requests that set them (:mod:`prefalign.decoding.repetition`,
+   one batched op over their rows) adjust the scores; each request's strategy turns
+   its scores into tokens; the token is appended to all K contexts of its track (and
+   to its history, if it keeps one); EOS, stop strings and ``max_new_tokens`` end a request.
 4. Finished rows leave the batch and beam tracks follow their parents — one row
    selection on every runner.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -47,8 +50,9 @@ from typing import Any
 import torch
 
 from .decoding import BeamSearch, BeamState, Greedy, Sampling, SearchStrategy, StopStrings, make_generator, strategy_for
-from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams, sample_rows  # noqa: F401 - re-exported: they lived here
 from .decoding.detokenize import IncrementalText
+from .decoding.repetition import Histories, TokenHistory, apply_repetition_controls
+from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams, sample_rows  # noqa: F401 - re-exported: they lived here
 from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
 from .methods import POLICY, Method
@@ -58,6 +62,7 @@ from .streaming import Session
 from .usage import Usage
 
 _NEG_INF = float("-inf")
+_SMALLEST = 5e-324  # the smallest positive float64
 log = logging.getLogger(__name__)
 
 
@@ -83,8 +88,7 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         # Preferences parsed by prefalign.prompts are already checked; a request built by
         # hand is checked here, where the weights are held.
-        if not self.weights or any(not math.isfinite(w) or w <= 0 for w in self.weights) or not math.isfinite(sum(self.weights)):
-            raise PrefalignError("preference weights must be finite numbers > 0 with a finite sum", field="preference")
+        self.weights = normalise_weights(self.weights)
 
     @property
     def max_new_tokens(self) -> int:
@@ -132,6 +136,27 @@ class GenerationResult:
     error: str | None = None
 
 
+def normalise_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Preference weights scaled by a power of two so that the largest lies in [1, 2).
+
+    Any finite positive weights are valid, from subnormals to 1e308; only their ratios
+    count (methods use the shares ``w / w.sum()``). Scaled once here, in float64 before
+    the engine casts them to the scores' float32, they can neither overflow (``1e300``
+    and ``1`` become about ``1`` and ``1e-300``) nor all round to zero, so no method's
+    weighted mean turns into NaN. A power of two scales exactly: weights that fit
+    float32 give bit-identical shares (and weights whose largest is in [1, 2) are kept
+    as given). A weight below float32's range after scaling becomes 0 there: that
+    preference counts for nothing, as its share (under 1e-38) already did.
+    """
+    if not weights or any(
+        not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0 for w in weights
+    ):
+        raise PrefalignError(f"preference weights must be finite numbers > 0, got {tuple(weights)!r}", field="preference")
+    exponent = math.frexp(max(float(w) for w in weights))[1] - 1  # largest = m · 2**exponent, 1 ≤ m < 2
+    # A ratio below float64's range would round to 0: keep it the smallest positive weight.
+    return tuple(math.ldexp(float(w), -exponent) or _SMALLEST for w in weights)
+
+
 # --- Internal state ----------------------------------------------------------------
 
 
@@ -145,6 +170,8 @@ class _Track:
     emitted: int = 0  # characters of ``text`` already streamed
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
     detok: IncrementalText | None = None  # keeps ``text`` decoded, one tail at a time
+    #: Kept only for requests with repetition controls or a method that reads the answer.
+    history: TokenHistory | None = None
 
 
 @dataclass
@@ -220,6 +247,8 @@ class _ScoreGroup:
     view: tuple[str, int] | None
     offset: int  # first position of its tracks in the step's token vector
     params: list[SamplingParams] = field(default_factory=list)
+    uses_history: bool = False  # the method reads the answers so far (``Histories``)
+    penalizes: bool = False  # a member has repetition controls (post-score stage)
 
 
 @dataclass
@@ -270,6 +299,11 @@ class Engine:
         self._cancelled: set[str] = set()
         self._plan: _StepPlan | None = None  # None: rebuild at the next step
         self._dirty = False  # rows must leave or follow beams (``_reorder_rows``)
+        #: False while a step (or a cancellation) changes the rows and runners: if it never
+        #: finishes (Ctrl-C, any BaseException, even during the reset that follows), the
+        #: next use of the engine resets it first.
+        self._consistent = True
+        self._changing_thread: int | None = None  # the thread that set ``_consistent`` False
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -301,17 +335,20 @@ class Engine:
     def add(self, request: GenerationRequest) -> str:
         """Queue a request; it joins the running batch at the next :meth:`step`."""
         self.validate(request)
+        self._repair()
         self._pending.append(request)
         return request.request_id
 
     def cancel(self, request_id: str) -> None:
         """Drop a request (queued, prefilling or running); its rows leave the batch at the next step."""
+        self._repair()
         self._pending = [r for r in self._pending if r.request_id != request_id]
         if request_id in self._active or self._is_prefilling(request_id):
             self._cancelled.add(request_id)
 
     @property
     def has_work(self) -> bool:
+        self._repair()
         return bool(self._pending or self._prefilling or self._active)
 
     def _is_prefilling(self, request_id: str) -> bool:
@@ -319,10 +356,12 @@ class Engine:
 
     def holds(self, request_id: str) -> bool:
         """Queued, prefilling or running (not finished, not dropped)."""
+        self._repair()
         return request_id in self._active or any(r.request_id == request_id for r in self._pending) or self._is_prefilling(request_id)
 
     @property
     def num_active(self) -> int:
+        self._repair()
         return len(self._active)
 
     def pop_result(self, request_id: str) -> GenerationResult | None:
@@ -331,9 +370,30 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every queued, running and finished request (e.g. after a failed step)."""
+        self._begin_change()
         self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
         self._plan, self._dirty = None, False
+        self._consistent = True
+
+    def _begin_change(self) -> None:
+        """Mark the rows and runners as being changed by this thread (see ``_consistent``)."""
+        self._changing_thread = threading.get_ident()
+        self._consistent = False
+
+    def _repair(self) -> None:
+        """Reset if the last step or cancellation was interrupted half-way (see ``_consistent``).
+
+        Another thread's step still in progress (the server's scheduler thread, read by a
+        request handler asking ``num_active``) is no interruption: it is left alone.
+        """
+        if self._consistent:
+            return
+        changing = self._changing_thread
+        if changing != threading.get_ident() and any(t.ident == changing for t in threading.enumerate()):
+            return
+        log.warning("the last engine step was interrupted; its requests were dropped")
+        self.reset()
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`PrefalignError` if the engine cannot run ``request`` as given."""
@@ -376,8 +436,15 @@ class Engine:
     @torch.inference_mode()
     def apply_cancellations(self) -> None:
         """Let cancelled requests leave now (their rows, their runners' memory), not at the next step."""
+        self._repair()
         if self._cancelled:
-            self._drop_cancelled()
+            self._begin_change()
+            try:
+                self._drop_cancelled()
+            except BaseException:
+                self.reset()
+                raise
+            self._consistent = True
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
@@ -387,8 +454,13 @@ class Engine:
         A fault in one group of requests (its prefill, its method's ``combine``, its
         sampling) fails that group alone. A fault in the forward pass that every running
         request shares leaves no request in the engine (it is :meth:`reset`) and is raised.
+        So does any interruption of the step (``KeyboardInterrupt``, any ``BaseException``):
+        the requests it was advancing are dropped, the runners with them, and the next
+        call starts from an engine as good as new.
         """
         deltas: list[Delta] = []
+        self._repair()
+        self._begin_change()
         try:
             self._drop_cancelled()
             models = dict(self.models)  # a model added meanwhile (another thread) joins at the next step
@@ -397,6 +469,7 @@ class Engine:
                 self._prefilling.append(self._new_group([self._start(r) for r in self._pending], models, owner))
                 self._pending = []
             if not self._active and not self._prefilling:
+                self._consistent = True
                 return deltas
             # Stages: forward → plan → score → choose → one transfer → update → rows.
             logprobs = self._decode(models, owner)  # running rows: one forward per model
@@ -408,11 +481,13 @@ class Engine:
                 self._reorder_rows()  # finished rows leave, beams follow their parents
             elif chosen is not None:
                 self._feed(plan, chosen[0])  # same rows: next tokens stay on the device
-        except Exception:
-            # The shared pass failed (or a bug): the caches' state is unknown, so no
-            # request may continue on them. Callers (the scheduler, sessions) fail theirs.
+        except BaseException:
+            # The shared pass failed (or a bug), or the step was interrupted (Ctrl-C):
+            # the caches' state is unknown, so no request may continue on them. Callers
+            # (the scheduler, sessions) fail theirs.
             self.reset()
             raise
+        self._consistent = True
         return deltas
 
     def _decode(self, models: Mapping[str, Any], owner: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -524,9 +599,12 @@ class Engine:
 
     def _start(self, request: GenerationRequest) -> _Active:
         strategy = request.strategy
+        history = None
+        if request.sampling.penalizes or getattr(request.method, "uses_history", False):
+            history = TokenHistory(request.contexts[request.primary][1])
         return _Active(
             request=request,
-            tracks=[_Track()],
+            tracks=[_Track(history=history)],
             usage=Usage.of_contexts(request.contexts, request.primary),
             strategy=strategy,
             generator=make_generator(request.sampling.seed, self._device(POLICY)),
@@ -598,6 +676,8 @@ class Engine:
                 method=method, weights=torch.tensor(weights, dtype=torch.float32, device=device), kind=kind,
                 members=members, tracks=len(tracks), sources=sources, view=view, offset=offset,
                 params=[a.request.sampling for a in members] if kind == "sample" else [],
+                uses_history=bool(getattr(method, "uses_history", False)),
+                penalizes=any(a.request.sampling.penalizes for a in members),
             ))
             offset += len(tracks)
         feeds = {}
@@ -633,7 +713,7 @@ class Engine:
             tokens_g = ok_g = None
             # A group's fault (its method's combine, say) fails its requests, no one else's.
             try:
-                scores = group.method.score(self._group_logprobs(group, logprobs), group.weights)
+                scores = self._group_scores(group, logprobs)
             except Exception as exc:
                 for active in group.members:
                     self._fail(active, f"{group.method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
@@ -726,6 +806,19 @@ class Engine:
             else:  # a runner without ``feed``: the same rows, told their tokens as a list
                 runner.select(list(range(len(index))), tokens.index_select(0, index.to(tokens.device)).tolist())
 
+    def _group_scores(self, group: _ScoreGroup, logprobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's scores ``[tracks, V]`` of one group, then the post-score stage
+        (the repetition controls of the requests that set them, one batched op)."""
+        stacked = self._group_logprobs(group, logprobs)
+        histories = [t.history for a in group.members for t in a.tracks] if group.uses_history or group.penalizes else []
+        if group.uses_history:
+            scores = group.method.score(stacked, group.weights, history=Histories(histories))
+        else:
+            scores = group.method.score(stacked, group.weights)
+        if group.penalizes:
+            scores = apply_repetition_controls(scores, [a.request.sampling for a in group.members for _ in a.tracks], histories)
+        return scores
+
     def _fail(self, active: _Active, message: str, deltas: list[Delta]) -> None:
         """Finish one request with ``finish_reason="error"`` and say why (one log line)."""
         if active.finish_reason is not None:
@@ -740,6 +833,8 @@ class Engine:
             self._finish(active, "stop", deltas, track, new_tokens=[])
             return
         track.tokens.append(token)
+        if track.history is not None:
+            track.history.push(token)
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
@@ -799,7 +894,11 @@ class Engine:
             best = _Track(tokens=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True))
             self._finish(active, reason, deltas, best, new_tokens=tokens)
             return
-        active.tracks = [_Track(tokens=h.tokens, score=h.score, parent=h.parent) for h in step.running]
+        old = active.tracks
+        active.tracks = [
+            _Track(tokens=h.tokens, score=h.score, parent=h.parent, history=None if (p := old[h.parent].history) is None else p.child(h.tokens[-1]))
+            for h in step.running
+        ]
 
     # -- row bookkeeping --------------------------------------------------------------
 

@@ -50,9 +50,13 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +71,7 @@ __all__ = [
     "is_supported",
     "optimize_for_cpu",
     "recommended_num_threads",
+    "release_packed_originals",
     "restore",
     "unsupported_reason",
 ]
@@ -212,6 +217,8 @@ class PackedLinear(nn.Linear):
         dtype: torch.dtype,
         group: FusedLinearGroup | None = None,
         slot: int = 0,
+        *,
+        pack: bool = True,
     ) -> None:
         # Skip nn.Linear.__init__: it would allocate and initialise fresh weights.
         nn.Module.__init__(self)
@@ -226,7 +233,9 @@ class PackedLinear(nn.Linear):
         self._packed: torch.Tensor | None = None
         self._packed_bias: torch.Tensor | None = None
         self._watch: _ParamWatch | None = None
-        if group is None:
+        # A member of a fused group (pack=False, its group set right after) never uses a
+        # packed copy of its own: packing it too held every q/k/v/gate/up weight twice.
+        if group is None and pack:
             self._repack()
 
     def _repack(self) -> None:
@@ -341,6 +350,9 @@ class FastPathReport:
     replaced: list[str] = field(default_factory=list)
     fused: list[tuple[str, ...]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: Bytes of original weights whose resident pages were handed back to their file
+    #: (see :func:`release_packed_originals`).
+    released: int = 0
 
     def summary(self) -> str:
         """One line for logs and CLIs."""
@@ -504,7 +516,7 @@ def optimize_for_cpu(
                     lins = [children[n] for n in present]
                     if len({(lin.in_features, lin.weight.dtype) for lin in lins}) != 1:
                         continue  # not siblings of one input: accelerate them one by one
-                    wrappers = [PackedLinear(lin, dtype, group=None, slot=i) for i, lin in enumerate(lins)]
+                    wrappers = [PackedLinear(lin, dtype, slot=i, pack=False) for i, lin in enumerate(lins)]
                     group = FusedLinearGroup(present, wrappers)
                     for w in wrappers:
                         w._group = group
@@ -535,7 +547,67 @@ def optimize_for_cpu(
     for parent, n, wrapper in swaps:
         setattr(parent, n, wrapper)
     setattr(model, _REPORT_ATTR, report)
+    report.released = release_packed_originals(model)
     return report
+
+
+_MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim these pages now (never loses data)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (``/proc/self/maps``)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def release_packed_originals(model: nn.Module) -> int:
+    """Hand the resident pages of the weights the fast path packed back to their file.
+
+    transformers maps safetensors weights from the file; packing reads them all, so
+    they become resident beside their packed copies (the embedded model: 513 MB of
+    fp32 weights next to 513 MB packed). The fast path never reads them again
+    (``_ParamWatch`` reads only version counters and data pointers), so they are
+    advised out with ``madvise(MADV_PAGEOUT)``: they stay valid and are read back
+    from the file when something does use them (the plain-``F.linear`` fallback,
+    ``state_dict``, the embedding rows of a tied ``lm_head``). Weights on the heap (a
+    model built or modified in memory) are left alone. Linux only; elsewhere, or on
+    an older kernel, nothing changes. Returns the bytes advised.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    page = mmap.PAGESIZE
+    released = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, PackedLinear):
+            continue
+        weight = module.weight
+        ptr, size = weight.data_ptr(), weight.numel() * weight.element_size()
+        if ptr in seen or not size or not any(start <= ptr and ptr + size <= end for start, end in spans):
+            continue
+        seen.add(ptr)
+        # Rounded out to whole pages: a neighbouring tensor sharing an edge page is
+        # paged out too, and simply read back (file-backed) when used.
+        start = ptr // page * page
+        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + size - start), _MADV_PAGEOUT) == 0:
+            released += size
+    return released
 
 
 def is_optimized(model: nn.Module) -> bool:

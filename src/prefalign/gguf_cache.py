@@ -21,6 +21,13 @@ from typing import Any
 from .errors import ModelLoadError
 from .paths import cache_dir
 
+
+def existing_gguf(path: Path) -> Path:
+    """``path`` if it is a file, else the loaders' one "GGUF file not found" error."""
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}", field="model")
+    return path
+
 log = logging.getLogger("prefalign.models")
 
 

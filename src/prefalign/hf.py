@@ -46,7 +46,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
                 f"method {self.method.name!r} is not a base-vs-preference method; use prefalign's Engine for it",
                 field="method",
             )
-        if self.method.beam_width > 1:
+        if self.method.search() is not None:  # beam search keeps several hypotheses
             raise PrefalignError("beam methods need prefalign's Engine", field="method")
         self.base_ids = base_input_ids
         self.mask = base_attention_mask if base_attention_mask is not None else torch.ones_like(base_input_ids)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError, PrefalignError
-from .gguf_cache import _converted_gguf_dir, _hash_index, _quiet_transformers, content_hash, read_gguf_tokenizer  # noqa: F401 (re-exported)
+from .gguf_cache import _converted_gguf_dir, _hash_index, _quiet_transformers, content_hash, existing_gguf, read_gguf_tokenizer  # noqa: F401 (re-exported)
 from .paths import cache_dir  # here too: models.cache_dir is public
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, dict
         return str(_converted_gguf_dir(local_models.require(str(name)))), {}
     path = Path(str(name)).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}", field="model")
-        return str(_converted_gguf_dir(path)), {}
+        return str(_converted_gguf_dir(existing_gguf(path))), {}
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))

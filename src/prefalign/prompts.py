@@ -142,8 +142,8 @@ def parse_preferences(preference: Any) -> list[Preference]:
     out = [_parse_one(item) for item in items]
     if not out:
         raise PrefalignError("preference list is empty; pass None for no preference", field="preference")
-    if not math.isfinite(sum(p.weight for p in out)):
-        raise PrefalignError("the preference weights' sum overflows; use weights of a sensible size (e.g. 1 and 2)", field="preference")
+    # Any finite positive weights are fine, however far apart: the request scales them
+    # (engine.normalise_weights), so that no sum of them overflows.
     return out
 
 

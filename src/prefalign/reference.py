@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .decoding.repetition import Histories, TokenHistory
 from .engine import GenerationRequest
 from .runners.forward import last_logprobs
 from .runners.kv_cache import left_pad, positions_from_mask
@@ -41,7 +42,10 @@ def reference_generate(models: dict[str, Any], requests: Sequence[GenerationRequ
         for row, i in enumerate(live):
             request = requests[i]
             weights = torch.tensor(request.weights, dtype=stacked.dtype)
-            token = int(request.method.score(stacked[row : row + 1], weights).argmax(-1))
+            history = None
+            if getattr(request.method, "uses_history", False):  # e.g. the safeguard's repetition guard
+                history = Histories([TokenHistory(request.contexts[request.primary][1], list(answers[i]))])
+            token = int(request.method.score(stacked[row : row + 1], weights, history=history).argmax(-1))
             if token in eos and not request.ignore_eos:
                 done[i] = True
                 continue

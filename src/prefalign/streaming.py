@@ -53,7 +53,11 @@ class Session:
         self.engine = engine
         self._open: dict[str, None] = {}  # unfinished requests, in submission order
         self.closed = False
-        self.submit(requests)
+        try:
+            self.submit(requests)
+        except BaseException:  # e.g. Ctrl-C half-way: cancel what was queued (no `with` has started yet)
+            self.close()
+            raise
 
     def submit(self, requests: Iterable[GenerationRequest]) -> list[str]:
         """Queue ``requests``; every one is validated before any is queued."""
@@ -63,8 +67,9 @@ class Session:
         for request in requests:
             self.engine.validate(request)
         for request in requests:
-            self.engine.add(request)
+            # Owned before it is queued: an interruption in between still cancels it on close().
             self._open[request.request_id] = None
+            self.engine.add(request)
         return [r.request_id for r in requests]
 
     def add(self, request: GenerationRequest) -> str:
@@ -85,8 +90,9 @@ class Session:
     def step(self) -> list[Event]:
         """One engine step; the events of this session's requests (others' are not ours).
 
-        If the step raises, the engine has reset itself (no request survives it): the
-        session forgets its requests and the exception propagates.
+        If the step raises, or is interrupted (Ctrl-C: any ``BaseException``), the engine
+        has reset itself (no request survives it): the session forgets its requests and
+        the exception propagates. The next call on the engine answers as a fresh one would.
         """
         try:
             deltas = self.engine.step()

@@ -14,6 +14,14 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 #: Below this temperature decoding is greedy: scores / T overflow to inf, and the
 #: limit of sampling as T → 0 is the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
+#: OpenAI's range for frequency_penalty and presence_penalty.
+MAX_OPENAI_PENALTY = 2.0
+#: Guards against nonsense values only (transformers accepts any positive float).
+MAX_REPETITION_PENALTY = 100.0
+MAX_NGRAM_SIZE = 64
+#: The repetition controls' field names (the CLI's ``--param`` and the evaluation's
+#: sweeps route these to the sampling settings instead of the method).
+REPETITION_FIELDS = ("frequency_penalty", "presence_penalty", "repetition_penalty", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,15 @@ class SamplingParams:
     cut the sampled distribution; ``seed`` makes sampling reproducible whatever the batch;
     ``max_new_tokens`` caps the answer; ``stop`` strings end it (the text is cut before
     them); ``ignore_eos`` decodes past the end-of-sequence token.
+
+    Repetition controls, applied to the method's scores before the token is chosen
+    (:mod:`prefalign.decoding.repetition`; neutral defaults leave tokens unchanged):
+    ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]: ``score −
+    count·frequency − (count > 0)·presence``, counting the answer's tokens),
+    ``repetition_penalty`` (transformers', > 0, 1 = off: seen tokens' positive scores
+    divided by it, negative ones multiplied; seen = prompt + answer, as in transformers)
+    and ``no_repeat_ngram_size`` (transformers', 0 = off: no n-gram of the prompt +
+    answer occurs twice).
 
     Every field is checked here, once, with an error naming it; the API, the CLI, the
     server and the evaluation all build this object (method parameters are checked by
@@ -37,6 +54,10 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -69,10 +90,30 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed <= SEED_MAX
         ):
             raise PrefalignError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}", field="seed")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -MAX_OPENAI_PENALTY <= v <= MAX_OPENAI_PENALTY:
+                raise PrefalignError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}", field=name)
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise PrefalignError(
+                f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}] (1 = off, above 1 discourages repeats), got {r!r}",
+                field="repetition_penalty",
+            )
+        g = self.no_repeat_ngram_size
+        if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= MAX_NGRAM_SIZE:
+            raise PrefalignError(
+                f"no_repeat_ngram_size must be an integer in [0, {MAX_NGRAM_SIZE}] (0 = off), got {g!r}", field="no_repeat_ngram_size"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalizes(self) -> bool:
+        """True when a repetition control is on (the engine then keeps the answer's history)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0 or self.no_repeat_ngram_size)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -176,4 +217,10 @@ def sample_rows(
     return tokens, ok
 
 
-__all__ = ["GREEDY_TEMPERATURE", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator", "sample_rows"]
+def split_repetition(params: dict) -> tuple[dict, dict]:
+    """``params`` split into (method parameters, repetition controls of :class:`SamplingParams`)."""
+    method = {k: v for k, v in params.items() if k not in REPETITION_FIELDS}
+    return method, {k: v for k, v in params.items() if k in REPETITION_FIELDS}
+
+
+__all__ = ["GREEDY_TEMPERATURE", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator", "sample_rows"]

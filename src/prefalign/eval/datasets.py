@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrefalignError
+from .results import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,8 @@ def _read_records(path: Path) -> list[Any]:
             except json.JSONDecodeError as exc:
                 raise PrefalignError(f"{path}, line {lineno}: not a JSON object ({exc.msg})", field="dataset") from exc
         return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = " (one JSON object per line? name the file .jsonl)" if "Extra data" in exc.msg else ""
-        raise PrefalignError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}{hint}", field="dataset") from exc
+    data = parse_json(text, path, field="dataset",
+                      hint=lambda msg: " (one JSON object per line? name the file .jsonl)" if "Extra data" in msg else "")
     if isinstance(data, Mapping):
         # {"data": [...]}-style wrappers, common in exported datasets.
         for key in _CONTAINER_KEYS:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PrefalignError
-from .judges import words
+from .text import ngrams, words
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -61,12 +61,10 @@ def repetition_rate(text: str, n: int = 3) -> float:
     """
     if n < 1:
         raise PrefalignError(f"n must be >= 1, got {n}", field="n")
-    toks = [w for w in words(text) if not w.isdigit()]
-    total = len(toks) - n + 1
-    if total <= 0:
+    grams = ngrams([w for w in words(text) if not w.isdigit()], n)
+    if not grams:
         return 0.0
-    distinct = len({tuple(toks[i : i + n]) for i in range(total)})
-    return 1.0 - distinct / total
+    return 1.0 - len(set(grams)) / len(grams)
 
 
 @functools.lru_cache(maxsize=1)

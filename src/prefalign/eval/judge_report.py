@@ -70,7 +70,7 @@ def _external_names(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> l
 
 
 def compare_judges(a: Any, *, include_collapsed: bool = False) -> Comparison | None:
-    """Collect each judge's outcomes from an :class:`~prefalign.eval.report.Analysis`; None
+    """Collect each judge's outcomes from an :class:`~prefalign.eval.analysis.Analysis`; None
     when no row carries an external judge. Pairs with a collapsed answer are left out
     unless ``include_collapsed``."""
     from .stats import REFERENCES, both_cut_by_length, win_outcome

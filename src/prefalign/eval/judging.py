@@ -37,7 +37,7 @@ from typing import Any
 from ..errors import PrefalignError
 from .llm_judge import PairwiseLLMJudge, Verdict, parse_llm_spec
 from .reward_models import RewardModelJudge, check_rm_spec, parse_rm_spec
-from .runner import CONFIG_FILE, RESULTS_FILE, _dir_lock, _load_config, _write_json, key_of, read_results
+from .results import CONFIG_FILE, RESULTS_FILE, _dir_lock, _write_json, key_of, read_run
 
 __all__ = ["JUDGES_DIR", "JudgeSummary", "build_judges", "check_judge_specs", "judge_preference", "judge_run"]
 
@@ -334,14 +334,10 @@ def judge_run(directory: str | Path, judges: Sequence[Any], *, progress: bool = 
     """
     d = Path(directory).expanduser()
     results = d / RESULTS_FILE
-    if not results.is_file():
-        raise PrefalignError(f"{d} has no {RESULTS_FILE}; run `prefalign eval --out {d}` first", field="dir")
     summaries: list[JudgeSummary] = []
+    read_run(d)  # a directory without rows is refused before its lock is taken
     with _dir_lock(d):
-        rows = read_results(results)
-        if not rows:
-            raise PrefalignError(f"{results} has no rows yet", field="dir")
-        config = _load_config(d / CONFIG_FILE)
+        rows, config = read_run(d)  # read again under the lock
         try:
             for judge in judges:
                 summary = JudgeSummary(name=judge.name, kind=judge.kind)

@@ -1,4 +1,4 @@
-"""Plots of an evaluation (matplotlib, PNG), drawn from a :class:`~prefalign.eval.report.Analysis`.
+"""Plots of an evaluation (matplotlib, PNG), drawn from a :class:`~prefalign.eval.analysis.Analysis`.
 
 - ``scores_by_preference.png``: one panel per preference, a bar per method with its
   95% bootstrap interval (judges have different units, so panels do not share axes);
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # annotations only: the report imports this module to draw its plots
-    from .report import Analysis
+if TYPE_CHECKING:  # annotations only
+    from .analysis import Analysis
 
 _ARROW = {1: "↑", -1: "↓"}
 

@@ -41,7 +41,16 @@ from .method import (
     plausibility_mask,
     positive,
 )
-from .safeguard import AMULET_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
+from .safeguard import (
+    AMULET_KL_BUDGET,
+    REPEAT_NGRAM,
+    check_kl_budget,
+    check_repeat_ngram,
+    contrast,
+    guard_repeats,
+    kl_bounded_strength,
+    repeats_of,
+)
 
 
 @lru_cache(maxsize=256)
@@ -139,6 +148,7 @@ class Amulet(Method):
     exact: bool = False
     plausibility: float = 0.0
     kl_budget: float = AMULET_KL_BUDGET
+    repeat_ngram: int = REPEAT_NGRAM
 
     def __post_init__(self) -> None:
         positive("alpha", self.alpha, allow_zero=True)
@@ -149,6 +159,7 @@ class Amulet(Method):
             raise PrefalignError(f"exact must be true or false, got {self.exact!r}", field="exact")
         fraction("plausibility", self.plausibility)
         check_kl_budget(self.kl_budget)
+        check_repeat_ngram(self.repeat_ngram)
         check_amulet_strength(float(self.alpha), float(self.lam), float(self.eta), int(self.iterations))
 
     @property
@@ -156,12 +167,19 @@ class Amulet(Method):
         """``c_T`` for these parameters (4.6487 at the paper's defaults)."""
         return amulet_coefficient(float(self.alpha), float(self.lam), float(self.eta), int(self.iterations))
 
+    @property
+    def uses_history(self) -> bool:
+        """The repetition guard reads the answer; it is part of the safeguard (off with ``kl_budget=0``)."""
+        return self.kl_budget > 0 and self.repeat_ngram > 0
+
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return base_and_preferences(n_preferences)
 
     def combine(self, scores: ContextScores) -> torch.Tensor:
         base, prefs = scores.base[:, None], scores.preferences  # [n, 1, V], [n, P, V]
         c_t = self.coefficient
+        if self.kl_budget > 0:
+            base = guard_repeats(prefs, base, repeats_of(self.repeat_ngram, scores))
         strength = kl_bounded_strength(prefs, base, c_t, self.kl_budget) if self.kl_budget > 0 else None
         if self.exact:
             realigned = ftrl_loop(prefs, base.expand_as(prefs), self.alpha, self.lam, self.eta, self.iterations)

@@ -37,13 +37,9 @@ class Beam(Pref):
             raise PrefalignError(f"length_penalty must be a number in [-10, 10], got {self.length_penalty!r}", field="length_penalty")
 
     @property
-    def beam_width(self) -> int:
-        return self.width
-
-    @property
     def deterministic(self) -> bool:
         # Beam search is deterministic; OpenAI's default temperature (1) would reject it.
-        return self.beam_width > 1
+        return self.width > 1
 
     def search(self) -> BeamSearch | None:
         """Beam search with this width and length penalty (a beam of one decodes as

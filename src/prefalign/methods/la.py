@@ -16,7 +16,16 @@ from .method import (
     plausibility_mask,
     positive,
 )
-from .safeguard import LA_KL_BUDGET, check_kl_budget, contrast, kl_bounded_strength
+from .safeguard import (
+    LA_KL_BUDGET,
+    REPEAT_NGRAM,
+    check_kl_budget,
+    check_repeat_ngram,
+    contrast,
+    guard_repeats,
+    kl_bounded_strength,
+    repeats_of,
+)
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,18 @@ class LinearAlignment(Method):
     ratio: float = 2.0
     plausibility: float = 0.0
     kl_budget: float = LA_KL_BUDGET
+    repeat_ngram: int = REPEAT_NGRAM
 
     def __post_init__(self) -> None:
         positive("ratio", self.ratio, allow_zero=True, maximum=MAX_STRENGTH)
         fraction("plausibility", self.plausibility)
         check_kl_budget(self.kl_budget)
+        check_repeat_ngram(self.repeat_ngram)
+
+    @property
+    def uses_history(self) -> bool:
+        """The repetition guard reads the answer; it is part of the safeguard (off with ``kl_budget=0``)."""
+        return self.kl_budget > 0 and self.repeat_ngram > 0
 
     def roles(self, n_preferences: int) -> list[ContextRole]:
         return base_and_preferences(n_preferences)
@@ -54,6 +70,7 @@ class LinearAlignment(Method):
     def combine(self, scores: ContextScores) -> torch.Tensor:
         base, prefs = scores.base[:, None], scores.preferences  # [n, 1, V], [n, P, V]
         if self.kl_budget > 0:
+            base = guard_repeats(prefs, base, repeats_of(self.repeat_ngram, scores))
             strength = kl_bounded_strength(prefs, base, self.ratio, self.kl_budget)
             aligned = scores.weighted(contrast(prefs, base, strength))
         else:  # the paper's formula, literally (its scores unchanged to the bit)

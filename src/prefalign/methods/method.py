@@ -94,6 +94,9 @@ class ContextScores:
     logprobs: torch.Tensor
     weights: torch.Tensor
     layout: RoleLayout
+    #: The rows' answers so far (:class:`~prefalign.decoding.repetition.Histories`), given
+    #: by the engine to methods whose ``uses_history`` is true; None otherwise.
+    history: Any = None
 
     @property
     def n_preferences(self) -> int:
@@ -157,11 +160,6 @@ class Method(ABC):
     #: so that one request cannot stall the batch everyone shares.
     cost_limits: ClassVar[dict[str, int]] = {}
 
-    @property
-    def beam_width(self) -> int:
-        """Number of hypotheses the engine keeps per prompt (1: greedy or sampling)."""
-        return 1
-
     def search(self) -> Any:
         """The search strategy the engine decodes this method with (see
         :mod:`prefalign.decoding`); None: the request's sampling settings decide (greedy
@@ -191,12 +189,22 @@ class Method(ABC):
         softmax or takes their argmax.
         """
 
-    def score(self, logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """What the engine calls: name the stacked log-probs ``[n, K, V]`` after :meth:`roles`, then :meth:`combine`."""
+    @property
+    def uses_history(self) -> bool:
+        """True when :meth:`combine` reads ``scores.history`` (the answers so far): the
+        engine then keeps each hypothesis's tokens for it."""
+        return False
+
+    def score(self, logprobs: torch.Tensor, weights: torch.Tensor, history: Any = None) -> torch.Tensor:
+        """What the engine calls: name the stacked log-probs ``[n, K, V]`` after :meth:`roles`, then :meth:`combine`.
+
+        ``history`` (:class:`~prefalign.decoding.repetition.Histories`, or None): the
+        rows' answers so far, for methods that read them.
+        """
         layout = _layout(self, int(weights.shape[0]))
         if logprobs.shape[1] != layout.n_contexts:
             raise ValueError(f"method {self.name!r} reads {layout.n_contexts} contexts, got {logprobs.shape[1]}")
-        return self.combine(ContextScores(logprobs, weights, layout))
+        return self.combine(ContextScores(logprobs, weights, layout, history))
 
     def primary_context(self, n_preferences: int) -> int:
         """Index of the context whose prompt the answer continues (for usage counts)."""

@@ -17,13 +17,21 @@ With ``q_c = softmax(p + c·d)``, ``d = p − b`` and ``p`` normalised,
 non-decreasing in ``c``, so bisection on ``[0, c_max]`` finds the bound (vectorised over
 rows, a fixed number of steps, so the cost per token is fixed and rows never influence
 each other).
+
+Repetition awareness (``repeat_ngram`` = n > 0): a token that would complete an n-gram
+the answer already contains gets no amplification: its contrast ``p − b`` is replaced by
+``min(p − b, 0)`` before the strength is searched and applied, so the realigned score of a
+repeat is never above the preference context's own. Amplifying ``p − b`` otherwise
+feeds loops ("alright, alright, alright, ...") that the KL bound alone lets through.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .method import positive
+from .method import count, positive
 
 #: Default KL budgets (nats); 0 turns the safeguard off (the papers' rules). Measured in
 #: docs/safeguard.md: on the embedded model (8 prompts × 4 preferences, 96 tokens) Amulet
@@ -33,6 +41,11 @@ from .method import positive
 #: against the paper rule's 7/12.
 AMULET_KL_BUDGET = 0.5
 LA_KL_BUDGET = 0.25
+
+#: Default n of the repetition guard (0 = off). Chosen on development prompts; see
+#: docs/results/by-model.md.
+REPEAT_NGRAM = 3
+MAX_REPEAT_NGRAM = 16
 
 #: Largest accepted budget: only a guard against nonsense values (at 2 nats the embedded model
 #: already collapses in 19 of 32 answers, against 28 with no bound).
@@ -46,6 +59,33 @@ STEPS = 6
 _LOG_Q_FLOOR = -80.0
 _BANNED = -1e4
 _CHUNK_ELEMENTS = 1 << 16
+
+
+def check_repeat_ngram(value: int) -> None:
+    """Reject a ``repeat_ngram`` outside ``[0, MAX_REPEAT_NGRAM]`` (0 = off), naming the field."""
+    count("repeat_ngram", value, minimum=0, maximum=MAX_REPEAT_NGRAM)
+
+
+def guard_repeats(pref: torch.Tensor, base: torch.Tensor, repeats: torch.Tensor | None) -> torch.Tensor:
+    """``base`` raised to ``pref`` where ``repeats`` (bool ``[n, V]``) marks a token that would
+    complete an n-gram already in the answer and ``pref > base`` there: the contrast
+    ``pref − base`` of those tokens becomes ``min(pref − base, 0)``.
+
+    ``pref`` ``[n, P, V]``, ``base`` ``[n, 1, V]``; returns ``base`` itself when nothing is
+    marked, else ``[n, P, V]``.
+    """
+    if repeats is None:
+        return base
+    return torch.where(repeats[:, None, :], torch.maximum(base, pref), base)
+
+
+def repeats_of(n: int, scores: Any) -> torch.Tensor | None:
+    """``[rows, V]`` bool: tokens that would complete an n-gram already in each row's answer
+    (from the engine's ``scores.history``); None when off, unknown or nothing repeats."""
+    history = getattr(scores, "history", None)
+    if n <= 0 or history is None:
+        return None
+    return history.repeats(n, scores.logprobs[:, 0])
 
 
 def check_kl_budget(value: float) -> None:

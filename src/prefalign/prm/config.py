@@ -1,9 +1,10 @@
 """The settings of pair synthesis (:class:`PairsConfig`) and PRM training (:class:`TrainConfig`).
 
 One place for each setting's name, default and meaning (help in each field's
-``metadata``). ``prefalign make-pairs`` and ``prefalign train-prm`` do not build their
-options from these fields yet. Only the standard library is imported here, so the
-command line can read the defaults without loading torch's training code.
+``metadata``). ``prefalign make-pairs`` and ``prefalign train-prm`` build their options
+from these fields (:func:`prefalign.cli_options.field_option`) and build the config
+before anything loads, so its checks run first. Only the standard library is imported
+here, so the command line can read the defaults without loading torch's training code.
 """
 
 from __future__ import annotations
@@ -31,8 +32,23 @@ def _check(ok: bool, cls: str, name: str, rule: str, value: Any) -> None:
 #: The six (+1) preferences of the shipped PRM. ``pleasant`` and ``friendly`` share the
 #: sentiment judge; make-pairs alternates between them prompt by prompt.
 DEFAULT_PREFERENCES: tuple[str, ...] = ("concise", "verbose", "elementary", "expert", "pleasant", "formal")
+#: The training checkpoint's file name, in :meth:`TrainConfig.checkpoint_path`.
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def require_checkpoint(file: Path) -> None:
+    """``--resume`` needs the checkpoint ``file`` (checked by the CLI before the policy loads, and by training)."""
+    if not Path(file).is_file():
+        raise PrefalignError(f"--resume: no checkpoint at {file}; run without --resume to start", field="resume")
+
+
 #: The templates answers may be sampled under / a PRM may read its preference through.
 PRM_TEMPLATES: tuple[str, ...] = ("pad", "default")
+
+
+def _check_template(config: Any) -> None:
+    """Pairs are sampled, and a PRM reads its preference, in one of :data:`PRM_TEMPLATES`."""
+    _check(config.template in PRM_TEMPLATES, type(config).__name__, "template", " or ".join(PRM_TEMPLATES), config.template)
 
 
 @dataclass(frozen=True)
@@ -82,10 +98,11 @@ class PairsConfig:
         _check(self.time_budget_s is None or self.time_budget_s > 0, name, "time_budget_s", "> 0 or None", self.time_budget_s)
         _check(self.chosen_max_repetition is None or 0 <= self.chosen_max_repetition <= 1, name,
                "chosen_max_repetition", "in [0, 1] or None", self.chosen_max_repetition)
-        _check(self.template in PRM_TEMPLATES, name, "template", " or ".join(PRM_TEMPLATES), self.template)
+        _check_template(self)
         if (self.on_policy_params or self.on_policy_pairs) and not self.on_policy:
             raise PrefalignError(
-                "on_policy_params and on_policy_pairs need an on_policy method (e.g. 'pad')", field="on_policy"
+                "on_policy_params and on_policy_pairs need an on_policy method (e.g. 'pad'; CLI: --on-policy pad)",
+                field="on_policy",
             )
 
 
@@ -145,6 +162,9 @@ class TrainConfig:
     #: Prompt template the pairs are rendered in (the PRM reads the preference through
     #: it; recorded in prm_config.json). PAD's paper: the ``pad`` guideline template.
     template: str = setting("pad", "template the PRM reads the preference through: pad (the paper's) or default")
+
+    def __post_init__(self) -> None:
+        _check_template(self)
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint_dir:

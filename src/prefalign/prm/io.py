@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import PrefalignError, TokenizerMismatchError
+from ..rules import check_prm_path
 from .model import PersonalizedRewardModel, build_prm
 
 FORMAT = "prefalign-prm"
@@ -51,9 +52,7 @@ def default_prm_path() -> Path:
 def read_prm_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``prm_config.json`` of a PRM directory (or of the file itself)."""
     path = Path(path)
-    file = path if path.is_file() else path / CONFIG_NAME
-    if not file.is_file():
-        raise PrefalignError(f"not a PRM directory (no {CONFIG_NAME}): {path}", field="prm")
+    file = path if path.is_file() else check_prm_path(path) / CONFIG_NAME
     config = json.loads(file.read_text(encoding="utf-8"))
     if config.get("format") != FORMAT:
         raise PrefalignError(f"{file} is not a prefalign PRM config (format {config.get('format')!r})", field="prm")

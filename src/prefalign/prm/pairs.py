@@ -159,7 +159,7 @@ def training_prompts(
 
 def _words(text: str) -> list[str]:
     try:
-        from ..eval.judges import words
+        from ..eval.text import words
     except ImportError:  # pragma: no cover
         import re
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..compat import cache_kwargs
 from ..errors import PrefalignError
-from .config import TrainConfig  # re-exported: prefalign.prm.train.TrainConfig
+from .config import CHECKPOINT_NAME, TrainConfig, require_checkpoint  # TrainConfig, CHECKPOINT_NAME re-exported: prefalign.prm.train.X
 from .data import (
     PairExample,
     encode_pairs,
@@ -60,7 +60,6 @@ from .model import PersonalizedRewardModel, build_prm
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
 REFERENCE_NAME = "reference_logps.pt"
 
 
@@ -538,8 +537,7 @@ def _build(run: _Run) -> None:
 def _resume(run: _Run) -> None:
     """Load the checkpoint's weights, optimiser, schedule, RNG and progress (same data only)."""
     ckpt_file = run.ckpt_file
-    if not ckpt_file.is_file():
-        raise PrefalignError(f"--resume: no checkpoint at {ckpt_file}", field="resume")
+    require_checkpoint(ckpt_file)
     ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
     if ckpt.get("digest") != run.digest:
         raise PrefalignError(

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError, PrefalignError
+from ..gguf_cache import existing_gguf
 from .forward import to_logprobs
 
 #: Sequences one context can hold (llama.cpp's own ceiling is 256).
@@ -90,9 +91,7 @@ class LlamaCppModel:
     ) -> None:
         lib = _import_llama_cpp()
         self.lib = lib
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}", field="model")
+        path = existing_gguf(Path(path).expanduser())
         _quiet(lib)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
@@ -352,9 +351,7 @@ def gguf_path_for(name: str | os.PathLike[str] | None) -> Path:
         return local_models.require(str(name))
     path = Path(str(name)).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}", field="model")
-        return path
+        return existing_gguf(path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

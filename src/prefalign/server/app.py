@@ -6,7 +6,9 @@ top level of the body so that the official client's ``extra_body`` reaches them:
 
 * ``preference``: a preset name, a sentence, or a list of ``{"text", "weight"}``;
 * ``alignment``: ``{"method": "amulet", "template": ..., ...method parameters}``;
-* ``top_k`` and ``ignore_eos`` (as in vLLM).
+* ``top_k``, ``ignore_eos``, ``repetition_penalty`` and ``no_repeat_ngram_size`` (as in
+  vLLM; the last two are transformers' repetition controls). OpenAI's
+  ``frequency_penalty`` and ``presence_penalty`` are applied with OpenAI's formula.
 
 Answers have OpenAI's shape plus ``alignment`` (the method, template and every
 parameter used, defaults filled in, so it can be sent back as is) and ``preference``
@@ -49,6 +51,7 @@ from ..engine import Delta, GenerationRequest, GenerationResult
 from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
 from ..prompts import parse_preferences
+from ..rules import DEFAULT_METHOD_WITH_PREFERENCE, choose_method
 from .errors import APIError
 from .scheduler import EngineFailure, Job, QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest, _GenerationBody
@@ -71,12 +74,13 @@ class ServerConfig:
     max_queue: int = 64
     max_tokens_cap: int = 1024
     max_body_bytes: int = 1_000_000
-    default_method: str = "amulet"
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE
     default_temperature: float = 1.0
     max_preferences: int = 8
     max_stop: int = 4
     max_prompt_tokens: int = 8192
     body_timeout: float = 30.0
+    idle_stream_timeout: float | None = None
 
     @property
     def max_prompt_chars(self) -> int:
@@ -212,10 +216,9 @@ class _Translator:
         preference_arg: Any = body.preference
         if isinstance(preference_arg, list):
             preference_arg = [p if isinstance(p, str) else {"text": p.text, "weight": p.weight} for p in preference_arg]
-        method_name = alignment.method if alignment and alignment.method else None
-        if method_name is None:
-            # A preference alone asks for the server's default method; nothing asks for base.
-            method_name = config.default_method if preference_arg is not None else "base"
+        # No method: the rule of every face (pref with a preference, else base), with
+        # the server's --default-method in place of pref.
+        method_name = str(choose_method((alignment.method or None) if alignment else None, preference_arg, config.default_method))
 
         method_cls = METHODS.get(method_name.lower()) if isinstance(method_name, str) else None
         method_fields = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
@@ -267,6 +270,10 @@ class _Translator:
                 seed=body.seed,
                 stop=stop,
                 ignore_eos=bool(body.ignore_eos),
+                frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty,
+                repetition_penalty=body.repetition_penalty,
+                no_repeat_ngram_size=body.no_repeat_ngram_size,
             )
             if max_tokens is None:
                 # Unset: as much as the window and the cap allow (OpenAI's chat default),
@@ -376,18 +383,60 @@ class _ClientGone(Exception):
     """The client disconnected before its request body arrived: nobody to answer."""
 
 
+class _Stalled(Exception):
+    """A write of the stream waited longer than the idle-stream timeout."""
+
+
 class _SSEResponse(StreamingResponse):
     """A server-sent-events response that runs ``on_close`` however the stream ends.
 
     Starlette cancels the body iterator when the client disconnects; wherever that
     cancellation lands, ``on_close`` still runs and cancels the generation.
+
+    ``idle_timeout``: a client that stops reading makes the socket's buffers fill and
+    then every write wait; one write that waits longer than this ends the stream
+    (``on_stall`` is called once, then ``on_close``) instead of keeping its batch slot
+    until the answer is complete. The connection is aborted through the
+    ``prefalign.abort`` scope extension that :mod:`prefalign.server.transport` adds (any
+    other ASGI server closes it itself and logs that the response was incomplete).
     """
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], None],
+        *,
+        idle_timeout: float | None = None,
+        on_stall: Callable[[float], None] | None = None,
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._idle_timeout = idle_timeout
+        self._on_stall = on_stall
+        self._abort: Callable[[], None] | None = None
+
+    async def stream_response(self, send: Send) -> None:
+        timeout = self._idle_timeout
+        if timeout is None:
+            return await super().stream_response(send)
+
+        async def guarded(message: Any) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except asyncio.TimeoutError:
+                raise _Stalled() from None
+
+        try:
+            await super().stream_response(guarded)
+        except _Stalled:
+            self._on_close()  # free the batch slot first, then report
+            if self._on_stall is not None:
+                self._on_stall(timeout)
+            if self._abort is not None:
+                self._abort()  # the buffered bytes would never be read: drop them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._abort = scope.get("extensions", {}).get("prefalign.abort")
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -431,12 +480,13 @@ def create_app(
     max_tokens_cap: int = 1024,
     max_body_bytes: int = 1_000_000,
     model_id: str | None = None,
-    default_method: str = "amulet",
+    default_method: str = DEFAULT_METHOD_WITH_PREFERENCE,
     default_temperature: float = 1.0,
     max_preferences: int = 8,
     max_prompt_tokens: int = 8192,
     prefill_chunk: int | None = None,
     body_timeout: float = 30.0,
+    idle_stream_timeout: float | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
 
@@ -448,8 +498,11 @@ def create_app(
     stays open). ``max_batch``: requests decoded together; ``max_queue``: requests
     waiting beyond that before 429. ``max_tokens_cap``: the largest ``max_tokens``
     accepted (and the default for chat). ``max_body_bytes``: larger bodies get 413.
-    ``default_method``: used when a request gives a preference but no method (no
-    preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    ``default_method``: used when a request gives a preference but no method (default
+    ``pref``, as on every face; no preference and no method: ``base``). ``default_temperature``: OpenAI's default, 1.
+    ``body_timeout``: seconds for a request body to arrive (408). ``idle_stream_timeout``:
+    a stream whose writes have waited this long for the client to read is cancelled,
+    freeing its batch slot (``None``: never).
     """
     make_method(default_method)  # fail at startup, not on the first request
     if prefill_chunk is not None:
@@ -466,6 +519,7 @@ def create_app(
         max_preferences=max_preferences,
         max_prompt_tokens=max_prompt_tokens,
         body_timeout=body_timeout,
+        idle_stream_timeout=idle_stream_timeout,
     )
     scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
     # Rendering and tokenising (and a first PAD request's PRM load) run here, off the
@@ -484,7 +538,12 @@ def create_app(
             preparer.shutdown(wait=False, cancel_futures=True)
 
     # No /docs or /openapi.json: they would be unauthenticated, and clients use OpenAI's docs.
-    app = FastAPI(title="prefalign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes=False: Starlette's 307 for ".../completions/" builds its Location from
+    # the client's Host header (an open redirect, before authentication); a 404 names the route.
+    app = FastAPI(
+        title="prefalign", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.scheduler = scheduler
     app.state.config = config
     app.state.aligner = aligner
@@ -497,7 +556,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
+        path = request.url.path
+        hint = f" (did you mean {path.rstrip('/')}?)" if path.endswith("/") and len(path) > 1 else ""
+        message = {404: f"no route {request.method} {path}{hint}", 405: f"method {request.method} not allowed on {request.url.path}"}
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=code, headers=dict(exc.headers or {})).response()
 
@@ -590,7 +651,14 @@ def create_app(
         shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared)
         job = submit(prepared)
         if prepared.stream:
-            return _SSEResponse(_stream(job, shape), on_close=lambda: scheduler.cancel(job))
+            client = request.client.host if request.client else "?"
+
+            def stalled(timeout: float) -> None:
+                log.warning("stream %s from %s: not read for %g s; cancelled, its batch slot freed", job.id, client, timeout)
+
+            return _SSEResponse(
+                _stream(job, shape), on_close=lambda: scheduler.cancel(job), idle_timeout=config.idle_stream_timeout, on_stall=stalled
+            )
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
         try:
             while True:
@@ -713,6 +781,15 @@ def _schema_error(exc: ValidationError) -> APIError:
             break
         parts.append(str(part))
     param = ".".join(parts) or None
+    if first["type"] == "string_unicode":
+        # A dict key that is not valid Unicode (string values are checked where they are used):
+        # name it, escaped, since the raw text cannot be encoded into the JSON answer.
+        key = str(first.get("input", "")).encode("utf-8", "backslashreplace").decode("utf-8")
+        where = f"in '{param}'" if param else "at the top level of the body"
+        return APIError(
+            400, f"the key '{key}' {where} is not valid Unicode (a lone surrogate?); send field names as valid UTF-8",
+            param=param or key, code="invalid_value",
+        )
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

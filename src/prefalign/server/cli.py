@@ -6,7 +6,7 @@ Registered in the main CLI as ``app.command("serve")(serve)``.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -36,7 +36,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body; larger ones get 413.")] = 1_000_000,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Largest prompt, in tokens over all contexts of a request's method; larger ones get 400.")] = 8192,
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step between the decode steps of running streams (benchmarks/long_prompt.py).")] = 32,
-    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method.")] = "amulet",
+    default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method (no preference: base).")] = "pref",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Weights' dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
@@ -48,6 +48,12 @@ def serve(
         Optional[str],
         typer.Option(help="Load a personalised reward model for method 'pad' at start-up ('default': the one shipped for the embedded model); otherwise it loads on the first PAD request."),
     ] = None,
+    head_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a connection has to send a whole request head (silent and slow-header connections are closed).")] = 10.0,
+    keep_alive_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an idle kept-alive connection stays open between requests.")] = 5.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request body has to arrive (408).")] = 30.0,
+    idle_stream_timeout: Annotated[float, typer.Option(min=0, help="Cancel a stream whose client has not read it for this many seconds, freeing its batch slot (0: never).")] = 60.0,
+    max_connections: Annotated[int, typer.Option(min=0, help="Open connections in all; more are answered 503 and closed (0: no cap).")] = 512,
+    max_connections_per_ip: Annotated[int, typer.Option(min=0, help="Open connections from one client address (0: no cap; behind a reverse proxy every client has its address).")] = 128,
 ) -> None:
     """Serve an OpenAI-compatible chat API with per-request preferences."""
     import uvicorn
@@ -55,6 +61,7 @@ def serve(
     from ..aligner import Aligner
     from ..errors import PrefalignError
     from .app import create_app
+    from .transport import ConnectionLimits, uvicorn_settings
 
     if not _is_loopback(host) and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
@@ -76,10 +83,32 @@ def serve(
             default_method=default_method,
             max_prompt_tokens=max_prompt_tokens,
             prefill_chunk=prefill_chunk,
+            body_timeout=body_timeout,
+            idle_stream_timeout=idle_stream_timeout or None,
         )
     except PrefalignError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"serving {app.state.config.model_id} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
     # A short graceful-shutdown timeout: open streams are cut instead of holding Ctrl-C.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    limits = ConnectionLimits(
+        head_timeout=head_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_connections=max_connections,
+        max_connections_per_ip=max_connections_per_ip,
+    )
+    run_server(app, uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **uvicorn_settings(limits)))
+
+
+def run_server(app: Any, config: Any) -> None:
+    """Run ``app`` under uvicorn; Ctrl-C (SIGINT, SIGTERM) stops its scheduler first, so
+    running requests end at once with a ``server_shutting_down`` error (streams get it
+    as their last event) and the process exits 0 without waiting for them."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.scheduler.request_stop()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()

@@ -88,13 +88,16 @@ class _GenerationBody(BaseModel):
     alignment: Optional[Alignment] = None
     top_k: Optional[int] = None
     ignore_eos: Optional[bool] = False
+    repetition_penalty: Optional[float] = None  # transformers' (as vLLM's extension field)
+    no_repeat_ngram_size: Optional[int] = None
+    # OpenAI's repetition penalties (decoding/repetition.py).
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
     # Accepted and ignored: they do not change the answer.
     metadata: Optional[dict[str, Any]] = None
     store: Optional[bool] = None
     service_tier: Optional[str] = None
     # OpenAI features prefalign does not implement: accepted only when neutral.
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
 
 
@@ -127,8 +130,6 @@ def _is_neutral_response_format(value: Any) -> bool:
 
 #: Field -> predicate of the values that mean "feature not used".
 NEUTRAL_ONLY: dict[str, Any] = {
-    "frequency_penalty": lambda v: v in (None, 0),
-    "presence_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
     "logprobs": lambda v: not v,
     "top_logprobs": lambda v: v in (None, 0),

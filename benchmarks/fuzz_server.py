@@ -9,6 +9,7 @@ concurrent clients, and counts the answers by status. The corpus mixes:
 * lone surrogates in values and in keys; unknown fields;
 * extreme preference weights (``[1e300, 1]``, ``5e-324``, sums that overflow);
 * valid requests (streamed and not) with every method;
+* ``n``, ``logprobs`` and ``top_logprobs``, in and out of range;
 * trailing-slash and unknown paths, wrong HTTP methods, ``Host: evil.example``;
 * odd headers (content types, charsets, ``Content-Encoding: gzip``, junk
   ``Authorization``, ``Expect: 100-continue``, chunked bodies) and raw-socket requests
@@ -75,7 +76,7 @@ def corpus(count: int, seed: int = 0) -> list[Case]:
     rng = random.Random(seed)
     makers = [
         _malformed, _wrong_types, _numbers, _surrogates, _unknown_fields, _weights, _valid,
-        _paths, _headers, _raw, _alignment, _messages,
+        _paths, _headers, _raw, _alignment, _messages, _openai_fields,
     ]
     return [makers[i % len(makers)](rng) for i in range(count)]
 
@@ -231,6 +232,27 @@ def _messages(rng: random.Random) -> Case:
     return Case("messages", body=dumps(body))
 
 
+def _openai_fields(rng: random.Random) -> Case:
+    """``n``, ``logprobs`` and ``top_logprobs`` (#26 §5), valid and not, whole and streamed."""
+    body = ok_body(rng)
+    body["n"] = rng.choice([1, 2, 3, 4, 0, -1, 17, 10**9, 2.5, "2", None])
+    method = rng.choice(["base", "pref", "amulet", "beam"])
+    if method != "base":
+        body["preference"] = "concise"
+        body["alignment"] = {"method": method}
+    path = rng.choice(["/v1/chat/completions", "/v1/completions"])
+    if path == "/v1/completions":
+        body.pop("messages")
+        body["prompt"] = "Tell me about tea."
+        body["logprobs"] = rng.choice([None, 0, 1, 5, 20, 21, -1, True, "3"])
+    else:
+        body["logprobs"] = rng.choice([None, True, False, 1, "yes"])
+        body["top_logprobs"] = rng.choice([None, 0, 3, 20, 21, -1, 2.0])
+    body["seed"] = rng.choice([None, 0, 7, 2**64 - 1])
+    body["stream"] = rng.random() < 0.5
+    return Case("n and logprobs", path=path, body=dumps({k: v for k, v in body.items() if v is not None}))
+
+
 # --- sending --------------------------------------------------------------------------
 
 
@@ -318,6 +340,64 @@ def run(base_url: str, cases: list[Case], *, clients: int = 4, budget: float = 6
     }
 
 
+def slow_connections(base_url: str, count: int, head_timeout: float) -> dict[str, Any]:
+    """``count`` silent and ``count`` slow-header (1 byte/s) connections; when each is
+    closed, and how long a normal request takes meanwhile."""
+    import select
+
+    import httpx
+
+    host, port = base_url.removeprefix("http://").split(":")
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+    silent = [socket.create_connection((host, int(port))) for _ in range(count)]
+    slow = [socket.create_connection((host, int(port))) for _ in range(count)]
+    opened = time.monotonic()
+    stop = threading.Event()
+
+    def drip() -> None:
+        for i in range(len(head)):
+            for sock in slow:
+                try:
+                    sock.send(head[i : i + 1])
+                except OSError:
+                    pass
+            if stop.wait(1.0):
+                return
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    started = time.monotonic()
+    normal = httpx.post(base_url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, timeout=60)
+    normal_seconds = time.monotonic() - started
+    closed: dict[socket.socket, tuple[float, bytes]] = {}
+    pending = {s: b"" for s in silent + slow}
+    deadline = opened + 3 * head_timeout + 5
+    while pending and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(pending), [], [], 0.5)
+        for sock in ready:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if chunk:
+                pending[sock] += chunk
+            else:
+                closed[sock] = (time.monotonic() - opened, pending.pop(sock))
+    stop.set()
+    dripper.join()
+    for sock in silent + slow:
+        sock.close()
+
+    def summary(group: list[socket.socket]) -> dict[str, Any]:
+        times = [closed[s][0] for s in group if s in closed]
+        replies = Counter((closed[s][1][:12].decode("latin-1") or "closed without a reply") for s in group if s in closed)
+        return {"closed": len(times), "still_open": len(group) - len(times), "max_seconds_to_close": round(max(times), 2) if times else None,
+                "replies": dict(replies)}
+
+    return {"head_timeout": head_timeout, "silent": summary(silent), "slow_1_byte_per_s": summary(slow),
+            "normal_request": {"status": normal.status_code, "seconds": round(normal_seconds, 2)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (random, quick) or 'embedded'")
@@ -325,6 +405,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds before the run stops sending")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slow", type=int, default=150, help="silent and as many slow-header connections held open after the corpus")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -336,14 +417,16 @@ def main() -> None:
     from server_load import build_aligner  # noqa: E402
 
     from prefalign.server import create_app
-    from prefalign.server.transport import uvicorn_settings
+    from prefalign.server.transport import ConnectionLimits, uvicorn_settings
 
     aligner = build_aligner(args.model, fast=True)
     app = create_app(aligner, model_id="tiny", max_tokens_cap=4, max_prompt_tokens=2000, idle_stream_timeout=30)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", **uvicorn_settings()))
+    # serve's defaults, but no per-address cap: every client here comes from 127.0.0.1.
+    limits = ConnectionLimits(max_connections_per_ip=0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", **uvicorn_settings(limits)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -352,6 +435,7 @@ def main() -> None:
         report = run(base_url, corpus(args.count, args.seed), clients=args.clients, budget=args.budget)
         import httpx
 
+        slow = slow_connections(base_url, args.slow, limits.head_timeout) if args.slow else None
         health = httpx.get(base_url + "/health", timeout=30).json()
         after = httpx.post(base_url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, timeout=60).status_code
     finally:
@@ -359,7 +443,7 @@ def main() -> None:
         thread.join(timeout=30)
     report.update(
         benchmark="fuzz_server", model=args.model, seed=args.seed, clients=args.clients,
-        healthy_after=health.get("status") == "ok" and after == 200, engine_resets=health["stats"]["engine_resets"],
+        slow_connections=slow, healthy_after=health.get("status") == "ok" and after == 200, engine_resets=health["stats"]["engine_resets"],
         python=sys.version.split()[0], machine=platform.machine(),
     )
     print(f"{'category':<34} {'sent':>5}  statuses")
@@ -368,6 +452,12 @@ def main() -> None:
     print(f"error events inside 200 streams: {report['stream_error_events'] or 'none'}")
     print(f"sent {report['sent']} in {report['seconds']} s; answers ≥ 500: {report['server_errors']}; "
           f"healthy after: {report['healthy_after']}; engine resets: {report['engine_resets']}")
+    if slow:
+        for kind in ("silent", "slow_1_byte_per_s"):
+            row = slow[kind]
+            print(f"{args.slow} {kind} connections: {row['closed']} closed within {row['max_seconds_to_close']} s "
+                  f"({row['still_open']} still open); replies {row['replies']}")
+        print(f"a normal request meanwhile: {slow['normal_request']['status']} in {slow['normal_request']['seconds']} s")
     for error in report["errors"][:10]:
         print(f"  {error['status']} {error['category']}: {error['answer'][:60]}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,15 @@ stop sending new requests after it).
 Reports aggregate completion tokens/s, request latency p50/p95 and time to first
 token, prints a Markdown table and writes ``benchmarks/results/server_load.json``.
 
+``--replicas 1,2`` also serves through Ray Serve (``prefalign serve --replicas N``: a
+local Ray in the child process, N engine replicas of ``--threads`` each, one CPU
+reserved per replica) and reports the N-replica speedup at the most clients and the
+Ray hop's cost at one client against the single-process server (results in
+``server_load_replicas.json`` unless ``--out``).
+
     python benchmarks/server_load.py                    # embedded SmolLM2-135M
     python benchmarks/server_load.py --model tiny       # tiny random model, seconds
+    python benchmarks/server_load.py --replicas 1,2 --modes continuous --clients 1,16
 """
 
 from __future__ import annotations
@@ -58,8 +65,27 @@ def build_aligner(model: str, fast: bool, backend: str = "transformers", threads
     return Aligner.from_pretrained(name, fast="auto" if fast else False)
 
 
+def serve_replicas_child(args: argparse.Namespace) -> None:
+    """The child process of a Ray mode: Ray Serve with ``--replica-count`` replicas on a
+    free port, until the parent terminates it (SIGTERM: Ray stops with it)."""
+    from prefalign.server.ray_serve import ReplicaOptions, serve_on_ray, wait_for_signal
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    load = dict(model=None if args.model == "embedded" else args.model, threads=args.threads, fast=False if args.no_fast else "auto")
+    settings = dict(max_batch=args.max_batch, max_queue=256, model_id="prefalign", max_prompt_tokens=args.max_prompt_tokens)
+    with serve_on_ray(load, settings, ReplicaOptions(replicas=args.replica_count, cpus=1), port=port, prefill_chunk=args.prefill_chunk) as live:
+        print(json.dumps({"port": port, "model_id": str(getattr(live.spec.config, "name_or_path", "")), "fast_path": live.spec.fast_path,
+                          "replica_load_s": live.spec.load_seconds, "replica_max_rss_mb": live.spec.max_rss_mb}), flush=True)
+        wait_for_signal()
+
+
 def serve_child(args: argparse.Namespace) -> None:
     """The child process: load the model, bind 127.0.0.1:0, print the port, serve."""
+    if args.replica_count:
+        serve_replicas_child(args)
+        return
     torch.set_num_threads(args.threads)
     aligner = build_aligner(args.model, not args.no_fast, args.backend, args.threads)
     app = create_app(aligner, max_batch=args.max_batch, max_queue=256, model_id="prefalign",
@@ -113,7 +139,7 @@ class ServerProcess:
     def __exit__(self, *exc: Any) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=60)  # a Ray child stops its replicas and its local Ray first
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -229,6 +255,58 @@ def engine_tokens_per_s(args: argparse.Namespace) -> float:
     return round(tokens / best, 2)
 
 
+def paired_hop(args: argparse.Namespace, pairs: int) -> dict[str, Any]:
+    """The Ray hop's cost at one client, robust to a shared machine: the single-process
+    server and a 1-replica Ray Serve run side by side, and one client alternates between
+    them (order swapped every pair), so both see the same background load."""
+    body = {"model": "prefalign", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "preference": PREFERENCES[0], "alignment": {"method": "amulet"}}
+    timings: dict[str, list[float]] = {"single": [], "ray": []}
+    with ServerProcess(args, 16) as single, ServerProcess(args, 16, ["--replica-count", "1"]) as ray_one:
+        servers = {"single": single.url, "ray": ray_one.url}
+        clients = {name: httpx.Client(base_url=url, timeout=httpx.Timeout(600, connect=10)) for name, url in servers.items()}
+        try:
+            for name in servers:  # warm-up
+                one_request(clients[name], {**body, "max_tokens": 4})
+            for pair in range(pairs):
+                for name in (("single", "ray") if pair % 2 == 0 else ("ray", "single")):
+                    timings[name].append(one_request(clients[name], body)[0])
+        finally:
+            for client in clients.values():
+                client.close()
+    ratios = sorted(r / s for r, s in zip(timings["ray"], timings["single"]))
+    return {
+        "pairs": pairs,
+        "single_latency_p50_s": round(percentile(timings["single"], 50), 3),
+        "ray_latency_p50_s": round(percentile(timings["ray"], 50), 3),
+        "ray_over_single_median_ratio": round(percentile(ratios, 50), 3),
+    }
+
+
+def replica_report(by: dict[tuple[str, int], dict[str, Any]], levels: list[int], replica_info: dict[str, Any],
+                   paired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Ray modes' ratios: 2 vs 1 replicas at the most clients, and the hop's cost at 1."""
+    if not any(mode.startswith("ray-") for mode, _ in by):
+        return {}
+    most = max(levels)
+    one, two = by.get(("ray-1", most)), by.get(("ray-2", most))
+    speedup = round(two["tokens_per_s"] / one["tokens_per_s"], 2) if one and two and one["tokens_per_s"] else None
+    alone, hop = by.get(("continuous", 1)), by.get(("ray-1", 1))
+    overhead = round(hop["latency_p50_s"] / alone["latency_p50_s"] - 1, 3) if alone and hop and alone["latency_p50_s"] else None
+    if paired:  # measured side by side: the number to trust on a shared machine
+        overhead = round(paired["ray_over_single_median_ratio"] - 1, 3)
+    return {
+        "ray": "prefalign serve --replicas N in the child: a local Ray, one CPU and --threads torch threads per replica",
+        **replica_info,
+        "ray_speedup_2_vs_1_replicas": speedup,
+        "ray_target_1_6x_met": speedup is not None and speedup >= 1.6,
+        "ray_hop_latency_overhead_1_client": overhead,
+        "ray_hop_paired": paired,
+        "ray_hop_target_10pct_met": overhead is not None and overhead <= 0.10,
+    }
+
+
 def tiny_aligner() -> Aligner:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -260,6 +338,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per step (default: the engine's, whole prompts)")
     parser.add_argument("--max-prompt-tokens", type=int, default=8192, help=argparse.SUPPRESS)
+    parser.add_argument("--replicas", default=None, help="also serve through Ray Serve with these replica counts, e.g. 1,2 (prefalign[cluster])")
+    parser.add_argument("--replica-count", type=int, default=0, help=argparse.SUPPRESS)  # internal: the Ray child
+    parser.add_argument("--hop-pairs", type=int, default=6, help="with --replicas: requests per server in the side-by-side 1-client hop measurement (0: skip)")
     args = parser.parse_args()
     if args.serve:
         serve_child(args)
@@ -275,13 +356,24 @@ def main() -> None:
     info: dict[str, Any] = {}
     engine_alone = engine_tokens_per_s(args)
     print(f"{'engine':>10}  one request, no server   {engine_alone:8.1f} tok/s", flush=True)
-    for mode in args.modes.split(","):
-        with ServerProcess(args, modes[mode]) as server:
-            info = server.info
+    runs = [(mode, modes[mode], []) for mode in args.modes.split(",")]
+    if args.replicas:
+        if args.model == "tiny":
+            parser.error("--replicas loads the model in each replica: use the embedded model or a path")
+        runs += [(f"ray-{n}", modes["continuous"], ["--replica-count", str(n)]) for n in (int(r) for r in args.replicas.split(","))]
+        if args.out == RESULTS:
+            args.out = RESULTS.with_name("server_load_replicas.json")
+    replica_info: dict[str, Any] = {}
+    for mode, max_batch, extra in runs:
+        with ServerProcess(args, max_batch, extra) as server:
+            if not extra or not info:  # the single-process server's, when it runs
+                info = server.info
+            if extra:
+                replica_info = {k: v for k, v in server.info.items() if k.startswith("replica_")}
             run_level(server.url, 1, 1, 4, 60)  # warm-up: first-call allocations, kernels
             for clients in levels:
                 per_client = max(args.requests, math.ceil(args.min_requests / clients))
-                row = {"mode": mode, "max_batch": modes[mode], **run_level(server.url, clients, per_client, args.max_tokens, args.budget)}
+                row = {"mode": mode, "max_batch": max_batch, **run_level(server.url, clients, per_client, args.max_tokens, args.budget)}
                 results.append(row)
                 print(
                     f"{mode:>10}  clients={clients:<3} {row['tokens_per_s']:8.1f} tok/s  "
@@ -289,6 +381,7 @@ def main() -> None:
                     + (f"  errors={row['errors']}" if row["errors"] else ""),
                     flush=True,
                 )
+    paired = paired_hop(args, args.hop_pairs) if args.replicas and args.hop_pairs else None
     by = {(r["mode"], r["clients"]): r for r in results}
     speedup = None
     if ("continuous", 1) in by and ("continuous", 16) in by:
@@ -311,6 +404,7 @@ def main() -> None:
         "results": results,
         "speedup_16_vs_1_clients": speedup,
         "target_4x_met": speedup is not None and speedup >= 4,
+        **replica_report(by, levels, replica_info, paired),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +419,12 @@ def main() -> None:
         )
     if speedup is not None:
         print(f"\n16 clients vs 1 (continuous batching): {speedup}× aggregate tokens/s (target ≥ 4×)")
+    if report.get("ray_speedup_2_vs_1_replicas") is not None:
+        print(f"2 replicas vs 1 at {max(levels)} clients: {report['ray_speedup_2_vs_1_replicas']}× aggregate tokens/s (target ≥ 1.6×)")
+    if report.get("ray_hop_latency_overhead_1_client") is not None:
+        how = "side by side, median of paired requests" if paired else "p50 of the 1-client levels"
+        print(f"one client through Ray Serve (1 replica) vs the single process: latency "
+              f"{report['ray_hop_latency_overhead_1_client']:+.1%} ({how}; target ≤ +10%)")
     if report["server_1_client_vs_engine"] is not None:
         print(f"one client through the server: {report['server_1_client_vs_engine']}× the engine alone ({engine_alone} tok/s)")
     print(f"wrote {args.out}")

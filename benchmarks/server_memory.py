@@ -80,12 +80,9 @@ def tensor_bytes(model: Any) -> dict[str, int]:
 
 def file_mapped_bytes(model: Any) -> int:
     """Bytes of parameters that live in a file mapping (safetensors loaded by mmap), not on the heap."""
-    spans = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 6 and parts[5].startswith("/"):
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            spans.append((start, end))
+    from prefalign.fastpath import _file_mappings
+
+    spans = _file_mappings()
     total = 0
     seen: set[int] = set()
     for t in model.parameters():

@@ -245,7 +245,7 @@ def test_a_sweep_reads_only_its_own_methods_spellings():
 
 
 #: Written by the runner before it was split into plan/execute/ray_executor (main at
-#: 156d5d5, the tiny Llama, /tmp script in the commit message): 16 rows.
+#: 47777e0, the tiny Llama; how: its README.md): 16 rows.
 WRITTEN_BEFORE_SPLIT = Path(__file__).parent / "data" / "eval_written_before_split"
 
 

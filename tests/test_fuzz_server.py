@@ -47,15 +47,13 @@ def test_the_corpus_covers_every_category(fuzzed):
 
 def test_no_answer_is_a_server_error(fuzzed):
     server, report = fuzzed
-    errors = [e for e in report["errors"] if e["category"] != WEIGHTS]
-    assert not errors, errors
-    assert not [k for k in report["stream_error_events"] if not k.startswith(WEIGHTS)]  # nor an error event in a stream
+    assert not report["errors"], report["errors"]
+    assert not report["stream_error_events"]  # nor an error event inside a 200 stream
     assert server.health()["stats"]["engine_resets"] == 0
     assert httpx.post(server.url + "/v1/chat/completions", json=OK_BODY, timeout=30).status_code == 200
 
 
-@pytest.mark.xfail(reason="extreme weights such as [1e300, 1] fail mid-decode until issue #26 §2 lands (branch robust)", strict=False)
-def test_extreme_weights_are_no_server_error(fuzzed):
+def test_extreme_weights_are_served(fuzzed):
+    """Weights such as [1e300, 1] are valid (issue #26 §2): answered, not refused or failed."""
     _, report = fuzzed
-    assert not [e for e in report["errors"] if e["category"] == WEIGHTS]
-    assert not report["stream_error_events"]
+    assert "200" in report["by_category"][WEIGHTS]

@@ -165,6 +165,17 @@ def test_rows_that_leave_free_their_sequences(al):
     assert not al.engine.has_work and runner_free() == before
 
 
+def test_n_answers_share_a_prefilled_sequence_and_free_every_copy(al):
+    """The n answers' identical contexts are prefilled as one sequence, then copied
+    (llama_memory_seq_cp) to each answer's row: each equals a single request with its seed."""
+    kwargs = dict(preference="concise", method="amulet", max_new_tokens=6, ignore_eos=True, temperature=0.9)
+    al.generate(PROMPTS[0], method="base", max_new_tokens=2)
+    free = len(al.engine._states["policy"].runner.free)
+    answers = [r.token_ids for r in al.generate(PROMPTS[0], n=3, seed=4, **kwargs)]
+    assert answers == [al.generate(PROMPTS[0], seed=4 + i, **kwargs)[0].token_ids for i in range(3)]
+    assert len(al.engine._states["policy"].runner.free) == free
+
+
 def test_pad_is_refused_with_the_backend_to_use(al):
     with pytest.raises(PrefalignError, match="transformers backend"):
         al.generate(PROMPTS[0], preference="concise", method="pad", max_new_tokens=2)

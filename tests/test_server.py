@@ -178,7 +178,7 @@ def test_response_echoes_alignment_and_usage(client):
     )
     extra = out.model_extra
     assert extra["alignment"] == {"method": "amulet", "template": "default", "alpha": 1.5, "lam": 2.0, "eta": 10.0,
-                                  "iterations": 60, "exact": False, "plausibility": 0.0, "kl_budget": 0.5}
+                                  "iterations": 60, "exact": False, "plausibility": 0.0, "kl_budget": 0.5, "repeat_ngram": 3}
     assert extra["preference"][0]["name"] == "concise"
     usage = out.usage.model_dump(exclude_none=True)
     assert usage["forward_passes"] == 4 and usage["context_tokens"] > usage["prompt_tokens"] > 0
@@ -255,8 +255,8 @@ BAD_BODIES = [
     ("cost limit", {"alignment": {"method": "beam", "width": 64}, "preference": "concise"}, 400, "alignment.width"),
     ("negative weight", {"preference": [{"text": "Be brief.", "weight": -1}]}, 400, "preference"),
     ("beam with sampling", {"alignment": {"method": "beam", "width": 2}, "preference": "concise", "temperature": 0.5}, 400, "temperature"),
-    ("n", {"n": 2}, 400, "n"),
-    ("unsupported feature", {"logprobs": True}, 400, "logprobs"),
+    ("n", {"n": 0}, 400, "n"),
+    ("unsupported feature", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("frequency_penalty range", {"frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("presence_penalty range", {"presence_penalty": -3}, 400, "presence_penalty"),
     ("repetition_penalty range", {"repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -395,9 +395,9 @@ def test_stream_disconnect_frees_the_slot(live):
         seen += 1
         if seen == 5:
             break
-    assert live.aligner.engine.num_active == 1
+    assert live.scheduler.engine_active == 1
     stream.close()
-    assert wait_until(lambda: live.aligner.engine.num_active == 0 and live.scheduler.load()["running"] == 0)
+    assert wait_until(lambda: live.scheduler.engine_active == 0 and live.scheduler.load()["running"] == 0)
     stats = live.health()["stats"]
     assert stats["cancelled"] == before["cancelled"] + 1
     assert stats["completed"] == before["completed"]  # it did not run to its 1500 tokens
@@ -408,7 +408,7 @@ def test_non_streaming_disconnect_frees_the_slot(live):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/chat/completions", timeout=httpx.Timeout(10, read=0.5),
                    json={**OK_BODY, "max_tokens": 1500, "ignore_eos": True})
-    assert wait_until(lambda: live.aligner.engine.num_active == 0 and live.scheduler.load()["running"] == 0)
+    assert wait_until(lambda: live.scheduler.engine_active == 0 and live.scheduler.load()["running"] == 0)
     stats = live.health()["stats"]
     assert stats["cancelled"] == before["cancelled"] + 1 and stats["completed"] == before["completed"]
 
@@ -428,7 +428,7 @@ def test_queue_full_gets_429_with_retry_after(tiny, tokenizer):
             with pytest.raises(openai.RateLimitError):
                 server.client().chat.completions.create(**OK_BODY)
         # Both clients left: the running one is cancelled, the queued one dropped.
-        assert wait_until(lambda: server.scheduler.load() == {"running": 0, "waiting": 0} and server.aligner.engine.num_active == 0)
+        assert wait_until(lambda: server.scheduler.load() == {"running": 0, "waiting": 0} and server.scheduler.engine_active == 0)
         still_serves(server.client())
         assert server.health()["stats"]["rejected"] == 2
 

@@ -264,3 +264,29 @@ def test_a_key_that_is_not_unicode_is_named(guarded, raw, param):
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == "invalid_value"
     assert "'None'" not in error["message"] and "\\ud" in error["message"] and "not valid Unicode" in error["message"]
+
+
+def test_health_polled_during_streams_never_touches_the_engine(guarded, caplog):
+    """/health is answered on the event loop while the scheduler thread steps: it must read
+    the scheduler's counts, not the engine (whose properties repair an interrupted step)."""
+    stop = threading.Event()
+    polls = []
+
+    def poll() -> None:
+        with httpx.Client(base_url=guarded.url, timeout=30) as client:
+            while not stop.is_set():
+                polls.append(client.get("/health").json()["engine_active"])
+
+    body = {**OK_BODY, "max_tokens": 8, "ignore_eos": True, "preference": "concise", "alignment": {"method": "amulet"}}
+    with caplog.at_level(logging.WARNING):
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            with httpx.Client(base_url=guarded.url, timeout=30) as client:
+                answers = [client.post(URL, json=body) for _ in range(20)]
+        finally:
+            stop.set()
+            poller.join()
+    assert all(a.status_code == 200 and a.json()["usage"]["completion_tokens"] == 8 for a in answers)
+    assert len(polls) > 20 and any(polls)
+    assert not [r for r in caplog.records if "interrupted" in r.getMessage()]

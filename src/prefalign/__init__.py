@@ -13,7 +13,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .aligner import Aligner, StreamEvent
-from .engine import Delta, Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
+from .engine import Delta, Engine, GenerationRequest, GenerationResult, SamplingParams, TokenLogprob, Usage
 from .errors import PrefalignError
 from .methods import METHODS, Method, make_method
 from .prompts import PRESETS, Preference
@@ -33,6 +33,7 @@ __all__ = [
     "PrefalignError",
     "SamplingParams",
     "StreamEvent",
+    "TokenLogprob",
     "Usage",
     "__version__",
     "make_method",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, Usage
+from .engine import Engine, GenerationRequest, GenerationResult, SamplingParams, TokenLogprob, Usage
 from .errors import ContextLengthError, PrefalignError
 from .methods import POLICY, PRM, Method, make_method
 from .models import load_model, prepare_tokenizer
@@ -33,6 +33,10 @@ class StreamEvent:
     usage: Usage | None = None
     #: Why the request failed, when ``finish_reason == "error"``.
     error: str | None = None
+    #: Per token of ``token_ids`` when ``logprobs=True`` was asked (else None).
+    logprobs: list[TokenLogprob] | None = None
+    #: Which of the prompt's ``n`` answers this piece belongs to.
+    choice: int = 0
 
 
 def _is_single_prompt(prompts: Any) -> bool:
@@ -212,6 +216,9 @@ class Aligner:
         presence_penalty: float | None = None,
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        n: int | None = None,
         **method_params: Any,
     ) -> GenerationRequest:
         """Validate one prompt's arguments and render its contexts into an engine request.
@@ -221,13 +228,14 @@ class Aligner:
         the remaining keywords are the method's parameters. ``max_new_tokens=None`` with
         no ``sampling``: 128. Each setting is checked once, by the object that holds it.
         ``method=None``: ``pref`` with a preference, ``base`` without (:func:`prefalign.rules.choose_method`).
+        A request for ``n`` > 1 answers is run as ``request.split_choices()``.
         """
         preferences = parse_preferences(preference)
         rule = make_method(choose_method(method, preferences), **method_params)
         given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                      seed=seed, stop=stop, ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
                      presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
-                     no_repeat_ngram_size=no_repeat_ngram_size)
+                     no_repeat_ngram_size=no_repeat_ngram_size, logprobs=logprobs, top_logprobs=top_logprobs, n=n)
         decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
         check_preferences(rule, len(preferences))
         if not rule.needs_preference:
@@ -294,30 +302,41 @@ class Aligner:
         ``kwargs``: ``max_new_tokens``, ``template``, ``temperature``, ``top_p``, ``top_k``,
         ``seed``, ``stop``, ``ignore_eos``, the repetition controls (``frequency_penalty``,
         ``presence_penalty``, ``repetition_penalty``, ``no_repeat_ngram_size``; see
-        :class:`SamplingParams`) and the method's parameters (e.g. ``alpha``).
+        :class:`SamplingParams`), ``logprobs``, ``top_logprobs``, ``n`` and the method's
+        parameters (e.g. ``alpha``).
+
+        ``logprobs=True``: each result's ``logprobs`` holds, per token, its log-probability
+        under the method's final scores (``top_logprobs``: and the best alternatives).
+        ``n`` > 1: n answers per prompt, returned prompt by prompt (``len(prompts) × n``
+        results; ``result.choice`` is i); answer i samples with seed ``seed + i``, so it
+        equals a single call with that seed, and the n answers share the prompt's prefill.
         """
-        return self.engine.generate(self._requests(prompts, preference, method, kwargs))
+        return self.engine.generate([r for choices in self._requests(prompts, preference, method, kwargs) for r in choices])
 
     def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, but yields text deltas as tokens are chosen."""
+        """Like :meth:`generate`, but yields text deltas as tokens are chosen
+        (``event.index``: the prompt; ``event.choice``: which of its ``n`` answers)."""
         requests = self._requests(prompts, preference, method, kwargs)
         return self._stream(requests)
 
-    def _requests(self, prompts: Any, preference: Any, method: str | Method | None, kwargs: dict[str, Any]) -> list[GenerationRequest]:
-        """One checked request per prompt (no prompts: an error, for generate and stream alike)."""
+    def _requests(self, prompts: Any, preference: Any, method: str | Method | None, kwargs: dict[str, Any]) -> list[list[GenerationRequest]]:
+        """Per prompt, its checked requests: one per answer (``n``; no prompts: an error,
+        for generate and stream alike)."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:
             raise PrefalignError("no prompts given", field="prompt")
-        return [self.build_request(p, preference, method, **kwargs) for p in batch]
+        return [self.build_request(p, preference, method, **kwargs).split_choices() for p in batch]
 
-    def _stream(self, requests: list[GenerationRequest]) -> Iterator[StreamEvent]:
-        index = {r.request_id: i for i, r in enumerate(requests)}
+    def _stream(self, built: list[list[GenerationRequest]]) -> Iterator[StreamEvent]:
+        requests = [r for choices in built for r in choices]
+        index = {r.request_id: (i, r.choice) for i, choices in enumerate(built) for r in choices}
         # The session cancels whatever is unfinished when the consumer stops early (break, Ctrl-C).
         with self.engine.session(requests) as session:
             for event in session:
                 delta, result = event.delta, event.result
                 usage, error = (result.usage, result.error) if result else (None, None)
-                yield StreamEvent(index[delta.request_id], delta.text, delta.token_ids, delta.finish_reason, usage, error)
+                prompt, choice = index[delta.request_id]
+                yield StreamEvent(prompt, delta.text, delta.token_ids, delta.finish_reason, usage, error, delta.logprobs, choice)
 
 
 def _apply_fast_path(model: Any, mode: bool | str) -> Any:

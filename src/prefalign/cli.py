@@ -430,6 +430,12 @@ def methods(as_json: bool = typer.Option(False, "--json")) -> None:
     for row in rows:
         table.add_row(row["method"], row["summary"], ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "—")
     console.print(table)
+    console.print(
+        "\n[bold]Repetition controls[/] (every method; --param K=V, the API's and the server's fields): "
+        "frequency_penalty, presence_penalty (OpenAI's, in [-2, 2], 0 = off), repetition_penalty "
+        "(transformers', > 0, 1 = off), no_repeat_ngram_size (0 = off).",
+        highlight=False,
+    )
     console.print("\n[bold]Where each helps[/] (measured; see the docs named):")
     for row in rows:
         if row["helps"]:

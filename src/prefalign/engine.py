@@ -38,6 +38,7 @@ sampling one group of requests fails those requests alone (``finish_reason="erro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -84,6 +85,8 @@ class GenerationRequest:
     #: the server's echo, the CLI's ``--json`` and the evaluation read it, not resolve it again.
     template: str | None = None
     preferences: tuple[Any, ...] = ()
+    #: Which of the ``n`` answers of its prompt this is (see :meth:`split_choices`).
+    choice: int = 0
 
     def __post_init__(self) -> None:
         # Preferences parsed by prefalign.prompts are already checked; a request built by
@@ -107,6 +110,21 @@ class GenerationRequest:
         """How its scores become tokens: the method's search (beam), else greedy or sampling."""
         return strategy_for(self.method, self.sampling)
 
+    def split_choices(self) -> list[GenerationRequest]:
+        """The ``sampling.n`` answers as requests the engine runs: answer i has id
+        ``"{request_id}-{i}"``, ``choice`` i and ``sampling.for_choice(i)`` (seed + i).
+
+        Submitted together they form one prefill group, whose identical contexts are
+        prefilled once (see :class:`Engine`): the prompt's prefill is shared. ``n = 1``:
+        ``[self]``.
+        """
+        if self.sampling.n == 1:
+            return [self]
+        return [
+            dataclasses.replace(self, request_id=f"{self.request_id}-{i}", sampling=self.sampling.for_choice(i), choice=i)
+            for i in range(self.sampling.n)
+        ]
+
 
 @dataclass
 class Delta:
@@ -116,6 +134,19 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    #: One entry per token of ``token_ids`` when the request asked for ``logprobs``, else None.
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the method's final scores (the log-softmax
+    of what ``Method.combine`` returned, after the engine rules out NaN), and the
+    ``top_logprobs`` most likely tokens with theirs (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -134,6 +165,10 @@ class GenerationResult:
     usage: Usage
     seconds: float = 0.0
     error: str | None = None
+    #: Per token of ``token_ids``, when the request asked for ``logprobs`` (else None).
+    logprobs: list[TokenLogprob] | None = None
+    #: Which of its prompt's ``n`` answers this is (``GenerationRequest.choice``).
+    choice: int = 0
 
 
 def normalise_weights(weights: Sequence[float]) -> tuple[float, ...]:
@@ -172,6 +207,7 @@ class _Track:
     detok: IncrementalText | None = None  # keeps ``text`` decoded, one tail at a time
     #: Kept only for requests with repetition controls or a method that reads the answer.
     history: TokenHistory | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, if the request asked
 
 
 @dataclass
@@ -202,6 +238,9 @@ class _PrefillPart:
 
     rows: list[tuple[_Active, int, int]]
     prefill: Prefill
+    #: Row i is the prefill's sequence ``source[i]``: rows with identical prompts (the
+    #: ``n`` answers of a request, say) share one; None: one sequence per row.
+    source: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -214,7 +253,19 @@ class _PrefillPart:
     def select(self, keep: list[int]) -> None:
         """Keep only the rows at ``keep`` (a request left while it was being prefilled)."""
         self.rows = [self.rows[i] for i in keep]
-        self.prefill.select(keep)
+        if self.source is None:
+            self.prefill.select(keep)
+            return
+        source = [self.source[i] for i in keep]
+        used = list(dict.fromkeys(source))
+        self.prefill.select(used)
+        self.source = [used.index(s) for s in source]
+
+    def unshare(self) -> None:
+        """Give each row its own copy of its sequence (once prefilled, before joining)."""
+        if self.source is not None:
+            self.prefill.select(self.source)  # repeats copy a shared sequence
+            self.source = None
 
 
 @dataclass
@@ -412,6 +463,10 @@ class Engine:
                 raise PrefalignError("a context has no tokens", field="prompt")
         if not isinstance(request.sampling, SamplingParams):
             raise PrefalignError("a request's sampling must be a SamplingParams", field="sampling")
+        if request.sampling.n != 1:
+            raise PrefalignError(
+                f"a request for n={request.sampling.n} answers is n requests: submit request.split_choices()", field="n"
+            )
         request.strategy  # noqa: B018 - the strategy checks the sampling settings (beam: greedy only)
 
     # -- driving --------------------------------------------------------------------
@@ -507,6 +562,7 @@ class Engine:
         for group in self._advance_prefill(models, deltas):
             for key, part in group.parts.items():
                 state = self._state(key, models)
+                part.unshare()
                 state.runner.join(part.prefill)
                 state.rows.extend(part.rows)
                 assert part.logprobs is not None
@@ -544,9 +600,13 @@ class Engine:
             rows = [(a, 0, k) for a in members for k, (m, _) in enumerate(a.request.contexts) if owner.get(m, m) == key]
             if not rows:
                 continue
-            seqs = [a.request.contexts[k][1] for a, _, k in rows]
-            tags = [a.request.contexts[k][0] for a, _, k in rows]
-            parts[key] = _PrefillPart(rows=rows, prefill=self._state(key, models).runner.start_prefill(seqs, tags))
+            # Identical contexts (same model, same tokens) are prefilled once and copied at join.
+            first: dict[tuple[str, tuple[int, ...]], int] = {}
+            source = [first.setdefault((m, tuple(ids)), len(first)) for m, ids in (a.request.contexts[k] for a, _, k in rows)]
+            seqs = [list(ids) for _, ids in first]
+            tags = [m for m, _ in first]
+            shared = None if len(first) == len(rows) else source
+            parts[key] = _PrefillPart(rows=rows, prefill=self._state(key, models).runner.start_prefill(seqs, tags), source=shared)
         return _PrefillGroup(members=members, parts=parts)
 
     def _state(self, key: str, models: Mapping[str, Any]) -> _ModelState:
@@ -760,7 +820,12 @@ class Engine:
                         if token is None:
                             continue
                         self._dirty = True  # the device's token vector does not have it
-                    self._advance(active, token, deltas)
+                    logprob = None
+                    if active.request.sampling.logprobs:  # asked for: this request's row, on the host
+                        assert scores is not None
+                        row = scores[i]
+                        logprob = _token_logprob(row.masked_fill(row.isnan(), _NEG_INF), token, active.request.sampling)
+                    self._advance(active, token, deltas, logprob)
                 except Exception as exc:
                     self._fail(active, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
 
@@ -826,8 +891,9 @@ class Engine:
         log.warning("request %s failed: %s", active.request.request_id, message)
         self._finish(active, "error", deltas, active.tracks[0], new_tokens=[], error=message)
 
-    def _advance(self, active: _Active, token: int, deltas: list[Delta]) -> None:
-        """Append ``token`` to a one-hypothesis request and decide whether it finished."""
+    def _advance(self, active: _Active, token: int, deltas: list[Delta], logprob: TokenLogprob | None = None) -> None:
+        """Append ``token`` (and its ``logprob``, if asked for) to a one-hypothesis request
+        and decide whether it finished."""
         request, track = active.request, active.tracks[0]
         if token in self.eos_token_ids and not request.ignore_eos:
             self._finish(active, "stop", deltas, track, new_tokens=[])
@@ -835,6 +901,8 @@ class Engine:
         track.tokens.append(token)
         if track.history is not None:
             track.history.push(token)
+        if logprob is not None:
+            track.logprobs.append(logprob)
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
@@ -859,7 +927,9 @@ class Engine:
         text = track.text[track.emitted:safe]
         track.emitted = safe
         if text or tokens or final:
-            deltas.append(Delta(active.request.request_id, text, tokens, reason))
+            # ``tokens`` are the track's last ones (beam's answer: all of them, no logprobs).
+            logprobs = track.logprobs[len(track.logprobs) - len(tokens):] if active.request.sampling.logprobs else None
+            deltas.append(Delta(active.request.request_id, text, tokens, reason, logprobs))
 
     def _finish(self, active: _Active, reason: str, deltas: list[Delta], track: _Track, new_tokens: list[int], error: str | None = None) -> None:
         """Record the result, stream what is left of the text; rows leave at the next reorder."""
@@ -878,6 +948,8 @@ class Engine:
             usage=active.usage,
             seconds=time.perf_counter() - active.started,
             error=error,
+            logprobs=list(track.logprobs) if active.request.sampling.logprobs else None,
+            choice=active.request.choice,
         )
 
     def _beam_step(self, active: _Active, search: BeamSearch, scores: torch.Tensor, deltas: list[Delta]) -> None:
@@ -942,6 +1014,19 @@ def _runner_device(runner: Any) -> torch.device:
     return torch.device(getattr(runner, "device", "cpu"))
 
 
+def _token_logprob(scores: torch.Tensor, token: int, sampling: SamplingParams) -> TokenLogprob | None:
+    """``token``'s log-probability under one row of a method's scores ``[V]`` (their
+    log-softmax), with the ``top_logprobs`` best tokens; None unless asked for."""
+    if not sampling.logprobs:
+        return None
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if sampling.top_logprobs:
+        values, ids = torch.topk(logprobs, min(sampling.top_logprobs, logprobs.shape[-1]))
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     config = getattr(model, "generation_config", None)
@@ -959,5 +1044,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "SamplingParams",
+    "TokenLogprob",
     "Usage",
+    "normalise_weights",
 ]

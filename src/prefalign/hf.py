@@ -24,6 +24,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from .runners.forward import last_logprobs, to_logprobs
 from .runners.kv_cache import left_pad, positions_from_mask
+from .decoding.repetition import Histories, TokenHistory
 from .errors import PrefalignError
 from .methods import Method, make_method
 from .prompts import encode_context, parse_preferences, to_chat
@@ -52,6 +53,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
         self.mask = base_attention_mask if base_attention_mask is not None else torch.ones_like(base_input_ids)
         self.cache: DynamicCache | None = None
         self.seen = 0
+        self.start = 0  # where the answer begins in generate's input_ids
         self.preference_inputs: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -75,6 +77,7 @@ class PreferenceLogitsProcessor(LogitsProcessor):
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
             ids, positions = self.base_ids, positions_from_mask(self.mask)
+            self.start = input_ids.shape[1]
         else:
             ids = input_ids[:, self.seen:]
             positions = self.mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=ids.device)
@@ -83,5 +86,9 @@ class PreferenceLogitsProcessor(LogitsProcessor):
         base = last_logprobs(self.model, ids.to(self.model.device), self.mask, positions, self.cache)
         pref = to_logprobs(scores)
         vocab = min(base.shape[-1], pref.shape[-1])
-        combined = self.method.score(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1))
+        history = None
+        if self.method.uses_history:  # the safeguard's repetition guard reads the answers so far
+            answers = input_ids[:, self.start:].tolist()
+            history = Histories([TokenHistory([], answer) for answer in answers])
+        combined = self.method.score(torch.stack([base[:, :vocab], pref[:, :vocab]], dim=1), torch.ones(1), history=history)
         return combined.to(scores.dtype)

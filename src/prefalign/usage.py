@@ -26,6 +26,18 @@ class Usage:
         primary = primary if primary >= 0 else len(contexts) - 1
         return cls(prompt_tokens=len(contexts[primary][1]), context_tokens=sum(len(ids) for _, ids in contexts))
 
+    @classmethod
+    def of_choices(cls, usages: Sequence[Usage]) -> Usage:
+        """The usage of the ``n`` answers of one prompt: their completion tokens add up;
+        the prompt and the forward passes are shared (prefilled and stepped together)."""
+        first = usages[0]
+        return cls(
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=sum(u.completion_tokens for u in usages),
+            context_tokens=first.context_tokens,
+            forward_passes=max(u.forward_passes for u in usages),
+        )
+
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens

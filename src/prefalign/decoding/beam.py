@@ -73,6 +73,9 @@ class BeamSearch:
     def check(self, sampling: SamplingParams) -> None:
         if not sampling.greedy:
             raise PrefalignError("beam search is deterministic; use temperature 0 with method 'beam'", field="temperature")
+        if sampling.logprobs:
+            # Its hypotheses are re-ranked each step: a token's score is not one step's choice.
+            raise PrefalignError("logprobs are not available with beam search (method 'beam')", field="logprobs")
 
     def start(self) -> BeamState:
         return BeamState()

@@ -130,18 +130,24 @@ class TokenHistory:
         return index.completing()
 
 
-def ngram_mask(histories: Sequence[TokenHistory | None], n: int, scores: torch.Tensor, *, with_prompt: bool = False) -> torch.Tensor | None:
-    """``[rows, V]`` bool: tokens that would complete an n-gram already in each row's
-    answer (or prompt + answer); None when no row has one (rows without a history have none)."""
+def ngram_pairs(histories: Sequence[TokenHistory | None], n: int, vocab: int, *, with_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(rows, tokens): each row's tokens that would complete an n-gram already in its
+    answer (or prompt + answer); rows without a history have none."""
     rows: list[int] = []
     tokens: list[int] = []
-    vocab = scores.shape[-1]
     for row, history in enumerate(histories):
         if history is None:
             continue
         found = [t for t in history.completing(n, with_prompt=with_prompt) if t < vocab]
         rows.extend([row] * len(found))
         tokens.extend(found)
+    return rows, tokens
+
+
+def ngram_mask(histories: Sequence[TokenHistory | None], n: int, scores: torch.Tensor, *, with_prompt: bool = False) -> torch.Tensor | None:
+    """``[rows, V]`` bool: tokens that would complete an n-gram already in each row's
+    answer (or prompt + answer); None when no row has one (rows without a history have none)."""
+    rows, tokens = ngram_pairs(histories, n, scores.shape[-1], with_prompt=with_prompt)
     if not rows:
         return None
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -240,5 +246,9 @@ class Histories:
         the shape ``[rows, V]`` and device."""
         return ngram_mask(self.rows, n, like, with_prompt=False)
 
+    def repeat_pairs(self, n: int, vocab: int) -> tuple[list[int], list[int]]:
+        """Like :meth:`repeats`, as (rows, tokens) lists: the sparse form."""
+        return ngram_pairs(self.rows, n, vocab, with_prompt=False)
 
-__all__ = ["Histories", "NgramIndex", "TokenHistory", "apply_repetition_controls", "ngram_mask", "penalize"]
+
+__all__ = ["Histories", "NgramIndex", "TokenHistory", "apply_repetition_controls", "ngram_mask", "ngram_pairs", "penalize"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -11,6 +11,10 @@ from ..errors import PrefalignError
 
 #: The seeds ``torch.Generator.manual_seed`` accepts.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Most alternatives ``top_logprobs`` returns per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+#: Most answers one request asks for (``n``).
+MAX_CHOICES = 128
 #: Below this temperature decoding is greedy: scores / T overflow to inf, and the
 #: limit of sampling as T → 0 is the argmax anyway.
 GREEDY_TEMPERATURE = 1e-5
@@ -31,7 +35,11 @@ class SamplingParams:
     ``temperature=0`` (or below 1e-5) means greedy (argmax); ``top_p``/``top_k`` (0 = off)
     cut the sampled distribution; ``seed`` makes sampling reproducible whatever the batch;
     ``max_new_tokens`` caps the answer; ``stop`` strings end it (the text is cut before
-    them); ``ignore_eos`` decodes past the end-of-sequence token.
+    them); ``ignore_eos`` decodes past the end-of-sequence token. ``logprobs`` returns,
+    for each chosen token, its log-probability under the method's final scores (their
+    log-softmax), and ``top_logprobs`` (0–20) the most likely tokens beside it. ``n``
+    asks for n answers to the prompt (:meth:`for_choice`: answer i samples with seed
+    ``seed + i``); they share the prompt's prefill.
 
     Repetition controls, applied to the method's scores before the token is chosen
     (:mod:`prefalign.decoding.repetition`; neutral defaults leave tokens unchanged):
@@ -58,6 +66,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -105,6 +116,16 @@ class SamplingParams:
             raise PrefalignError(
                 f"no_repeat_ngram_size must be an integer in [0, {MAX_NGRAM_SIZE}] (0 = off), got {g!r}", field="no_repeat_ngram_size"
             )
+        if not isinstance(self.logprobs, bool):
+            raise PrefalignError(f"logprobs must be true or false, got {self.logprobs!r}", field="logprobs")
+        k = self.top_logprobs
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise PrefalignError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}", field="top_logprobs")
+        if k and not self.logprobs:
+            raise PrefalignError("top_logprobs needs logprobs=true", field="top_logprobs")
+        n = self.n
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+            raise PrefalignError(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}", field="n")
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +135,15 @@ class SamplingParams:
     def penalizes(self) -> bool:
         """True when a repetition control is on (the engine then keeps the answer's history)."""
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0 or self.no_repeat_ngram_size)
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The settings of answer ``index`` of ``n``: one answer, seeded ``seed + index``
+        (wrapped into the seed range; no seed: unseeded), so that each answer is
+        reproducible and equals a single request with that seed."""
+        seed = self.seed
+        if seed is not None:
+            seed = SEED_MIN + (seed + index - SEED_MIN) % (SEED_MAX - SEED_MIN + 1)
+        return replace(self, n=1, seed=seed)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -223,4 +253,4 @@ def split_repetition(params: dict) -> tuple[dict, dict]:
     return method, {k: v for k, v in params.items() if k in REPETITION_FIELDS}
 
 
-__all__ = ["GREEDY_TEMPERATURE", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator", "sample_rows"]
+__all__ = ["GREEDY_TEMPERATURE", "MAX_CHOICES", "MAX_TOP_LOGPROBS", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator", "sample_rows"]

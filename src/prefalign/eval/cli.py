@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ..cluster import RAY_ADDRESS_HELP
 from ..errors import PrefalignError
 
 _err = Console(stderr=True)
@@ -55,7 +56,7 @@ def eval_command(
     prm: Optional[str] = typer.Option(None, "--prm", help="PAD: personalised reward model directory."),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="CPU fast path (oneDNN prepacked weights)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per process (1 is robust on a shared CPU)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start Ray locally)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="Ray actors (default: cluster CPUs / threads)."),
     judge_backend: str = typer.Option("auto", "--judge-backend", help="Similarity judges: auto, embedding or keywords."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with ETA."),

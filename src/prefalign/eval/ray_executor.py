@@ -2,9 +2,9 @@
 
 Each actor (:class:`_RayWorker`) loads the model once and runs a
 :class:`~prefalign.eval.execute.BatchExecutor`; :func:`_run_ray` starts (or joins)
-the Ray cluster, keeps every actor busy with the planned batches and hands each
-finished batch's rows to the runner's writer. How Ray is started lives in
-:func:`_run_ray` alone.
+the Ray cluster (:func:`prefalign.cluster.ray_cluster`, shared with ``serve
+--replicas``), keeps every actor busy with the planned batches and hands each
+finished batch's rows to the runner's writer.
 """
 
 from __future__ import annotations
@@ -42,35 +42,18 @@ class _RayWorker:
         return rows
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise PrefalignError(
-            "the ray executor needs Ray, which is not installed: pip install 'prefalign[ray]' (or use --executor local)",
-            field="executor",
-        ) from exc
-    return ray
-
-
 def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: Any, record: dict[str, Any],
              persist: Callable[[], None]) -> None:
     """Shard batches over Ray actors; rows come back per batch and go to ``writer.write``
     (the runner's results writer)."""
-    ray = _import_ray()
-    started_here = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if config.ray_address:
-            kwargs["address"] = config.ray_address
-        else:
-            workers = config.ray_workers or max(1, (os.cpu_count() or 2) // 2)
-            kwargs["num_cpus"] = workers * (config.threads or 1)
-        ray.init(**kwargs)
-        started_here = True
-    try:
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        threads = config.threads or 1
+    from ..cluster import ray_cluster
+
+    threads = config.threads or 1
+    local_cpus = (config.ray_workers or max(1, (os.cpu_count() or 2) // 2)) * threads
+    with ray_cluster(config.ray_address, num_cpus=local_cpus) as cluster:
+        import ray
+
+        cpus = float(cluster.resources().get("CPU", 1))
         n_workers = config.ray_workers or max(1, int(cpus // threads))
         n_workers = min(n_workers, len(batches))
         actor_cls = ray.remote(num_cpus=threads)(_RayWorker)
@@ -83,7 +66,7 @@ def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: Any, record: 
         except Exception as exc:  # an actor's __init__ failed (bad model path, missing PRM, ...)
             cause = getattr(exc, "cause", None) or exc
             raise PrefalignError(f"Ray workers could not start: {cause}", field="model") from exc
-        record["ray"] = {"address": config.ray_address or "local", "workers": n_workers, "cluster_cpus": cpus,
+        record["ray"] = {"address": cluster.name, "workers": n_workers, "cluster_cpus": cpus,
                          "workers_info": info}
         record["model"] = record["ray"]["workers_info"][0]["model"]
         persist()
@@ -109,6 +92,3 @@ def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: Any, record: 
         finally:
             for actor in actors:
                 ray.kill(actor)
-    finally:
-        if started_here:
-            ray.shutdown()

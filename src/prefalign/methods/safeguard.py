@@ -66,26 +66,30 @@ def check_repeat_ngram(value: int) -> None:
     count("repeat_ngram", value, minimum=0, maximum=MAX_REPEAT_NGRAM)
 
 
-def guard_repeats(pref: torch.Tensor, base: torch.Tensor, repeats: torch.Tensor | None) -> torch.Tensor:
-    """``base`` raised to ``pref`` where ``repeats`` (bool ``[n, V]``) marks a token that would
-    complete an n-gram already in the answer and ``pref > base`` there: the contrast
+def guard_repeats(pref: torch.Tensor, base: torch.Tensor, repeats: tuple[list[int], list[int]] | None) -> torch.Tensor:
+    """``base`` raised to ``pref`` on the ``(rows, tokens)`` of ``repeats`` (tokens that would
+    complete an n-gram already in the row's answer) where ``pref > base``: the contrast
     ``pref − base`` of those tokens becomes ``min(pref − base, 0)``.
 
     ``pref`` ``[n, P, V]``, ``base`` ``[n, 1, V]``; returns ``base`` itself when nothing is
-    marked, else ``[n, P, V]``.
+    marked, else a copy ``[n, P, V]`` changed at those entries only.
     """
-    if repeats is None:
+    if not repeats or not repeats[0]:
         return base
-    return torch.where(repeats[:, None, :], torch.maximum(base, pref), base)
+    rows = torch.tensor(repeats[0], device=pref.device)
+    tokens = torch.tensor(repeats[1], device=pref.device)
+    guarded = base.expand_as(pref).clone()
+    guarded[rows, :, tokens] = torch.maximum(guarded[rows, :, tokens], pref[rows, :, tokens])
+    return guarded
 
 
-def repeats_of(n: int, scores: Any) -> torch.Tensor | None:
-    """``[rows, V]`` bool: tokens that would complete an n-gram already in each row's answer
-    (from the engine's ``scores.history``); None when off, unknown or nothing repeats."""
+def repeats_of(n: int, scores: Any) -> tuple[list[int], list[int]] | None:
+    """(rows, tokens) that would complete an n-gram already in each row's answer (from the
+    engine's ``scores.history``); None when the guard is off or no history is given."""
     history = getattr(scores, "history", None)
     if n <= 0 or history is None:
         return None
-    return history.repeats(n, scores.logprobs[:, 0])
+    return history.repeat_pairs(n, scores.logprobs.shape[-1])
 
 
 def check_kl_budget(value: float) -> None:

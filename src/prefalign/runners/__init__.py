@@ -36,7 +36,8 @@ class Prefill(Protocol):
 
     def select(self, keep: list[int]) -> None:
         """Keep only these rows (their requests were cancelled mid-prefill; ``[]``: none,
-        releasing whatever the runner holds for them)."""
+        releasing whatever the runner holds for them). Repeats copy a row (rows that
+        share a prompt get their own copy once it is prefilled)."""
 
 
 class ModelRunner(Protocol):

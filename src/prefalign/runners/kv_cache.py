@@ -103,6 +103,8 @@ class CachePrefill:
         self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
         if self.done > 0:
             self.cache.batch_select_indices(index)
+        if self.logprobs is not None:
+            self.logprobs = self.logprobs[index]
 
 
 @dataclass

@@ -233,10 +233,20 @@ class SequencePrefill:
     def select(self, keep: list[int]) -> None:
         for i in set(range(len(self.seqs))) - set(keep):
             self.runner._release(self.seq_ids[i])
+        seq_ids: list[int] = []
+        for j, i in enumerate(keep):
+            seq = self.seq_ids[i]
+            if i in keep[:j]:  # a repeat: the row gets a copy of the sequence
+                fork = self.runner._take()
+                self.runner.model.lib.llama_memory_seq_cp(self.runner.model.memory, seq, fork, -1, -1)
+                seq = fork
+            seq_ids.append(seq)
         self.rows_logprobs = {j: self.rows_logprobs[i] for j, i in enumerate(keep) if i in self.rows_logprobs}
         self.seqs = [self.seqs[i] for i in keep]
-        self.seq_ids = [self.seq_ids[i] for i in keep]
+        self.seq_ids = seq_ids
         self.done = [self.done[i] for i in keep]
+        if self.logprobs is not None:
+            self.logprobs = self.logprobs[keep]
 
 
 class LlamaCppRunner:

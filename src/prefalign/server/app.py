@@ -47,12 +47,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..engine import Delta, GenerationRequest, GenerationResult
+from ..engine import Delta, GenerationRequest, GenerationResult, TokenLogprob
 from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
 from ..prompts import parse_preferences
 from ..rules import DEFAULT_METHOD_WITH_PREFERENCE, choose_method
+from ..usage import Usage
 from .errors import APIError
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .scheduler import EngineFailure, Job, QueueFullError, Scheduler, SchedulerStoppedError
 from .schemas import NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest, _GenerationBody
 
@@ -188,8 +190,9 @@ class _Translator:
                 param="model",
                 code="model_not_found",
             )
-        if body.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if body.n is not None and body.n > config.max_batch:
+            # The n answers decode side by side: each takes a batch slot.
+            raise APIError(400, f"n is {body.n}; this server decodes at most {config.max_batch} answers at once", param="n", code="invalid_value")
         if max_tokens is not None and max_tokens > config.max_tokens_cap:
             raise APIError(
                 400,
@@ -235,9 +238,16 @@ class _Translator:
                 return max_tokens_param
             if field in ("prompt", "messages"):
                 return prompt_param
+            if field == "top_logprobs" and isinstance(body, CompletionRequest):
+                return "logprobs"  # completions' logprobs is the number of alternatives
             if field and field.startswith("messages.") and prompt_param == "prompt":
                 return "prompt"
             return field
+
+        if isinstance(body, CompletionRequest):  # logprobs: how many alternatives (0: the token's own only)
+            logprobs, top_logprobs = body.logprobs is not None, body.logprobs or 0
+        else:
+            logprobs, top_logprobs = bool(getattr(body, "logprobs", None)), getattr(body, "top_logprobs", None) or 0
 
         try:
             rule = make_method(method_name, **params)
@@ -274,6 +284,9 @@ class _Translator:
                 presence_penalty=body.presence_penalty,
                 repetition_penalty=body.repetition_penalty,
                 no_repeat_ngram_size=body.no_repeat_ngram_size,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                n=1 if body.n is None else body.n,
             )
             if max_tokens is None:
                 # Unset: as much as the window and the cap allow (OpenAI's chat default),
@@ -293,7 +306,7 @@ class _Translator:
                 )
             # Engine.add validates what build_request does not (weights > 0, beam with
             # sampling); checking here gives the client a 400 instead of a failed job.
-            self.aligner.engine.validate(request)
+            self.aligner.engine.validate(request.split_choices()[0])
         except APIError:
             raise
         except PrefalignError as exc:
@@ -317,10 +330,12 @@ class _Translator:
 class _Shape:
     """OpenAI's response and chunk objects for one endpoint."""
 
-    def __init__(self, *, chat: bool, model_id: str, prepared: Prepared) -> None:
+    def __init__(self, *, chat: bool, model_id: str, prepared: Prepared, token_text: TokenText) -> None:
         self.chat = chat
         self.model_id = model_id
         self.prepared = prepared
+        self.token_text = token_text
+        self.offsets: dict[int, int] = {}  # completions' streamed text_offset, per choice
         self.id = ("chatcmpl-" if chat else "cmpl-") + prepared.request.request_id
         self.created = int(time.time())
 
@@ -330,32 +345,50 @@ class _Shape:
     def _extras(self) -> dict[str, Any]:
         return {"alignment": self.prepared.alignment, "preference": self.prepared.preference}
 
-    def full(self, result: GenerationResult) -> dict[str, Any]:
+    def logprobs(self, entries: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for these tokens of answer ``index`` (None: not asked for)."""
+        if entries is None:
+            return None
         if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-            out = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
-            out = self._head("text_completion")
-        out.update(choices=[choice], usage=result.usage.as_dict(), **self._extras())
+            return chat_logprobs(entries, self.token_text)
+        shaped = completion_logprobs(entries, self.token_text, self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in shaped["tokens"])
+        return shaped
+
+    def full(self, results: list[GenerationResult]) -> dict[str, Any]:
+        """The whole answer: one choice per result (``results[i]`` is answer i)."""
+        choices = []
+        for index, result in enumerate(results):
+            self.offsets.pop(index, None)
+            if self.chat:
+                choices.append({
+                    "index": index,
+                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "logprobs": self.logprobs(result.logprobs, index),
+                    "finish_reason": result.finish_reason,
+                })
+            else:
+                choices.append(
+                    {"index": index, "text": result.text, "logprobs": self.logprobs(result.logprobs, index), "finish_reason": result.finish_reason}
+                )
+        out = self._head("chat.completion" if self.chat else "text_completion")
+        out.update(choices=choices, usage=Usage.of_choices([r.usage for r in results]).as_dict(), **self._extras())
         return out
 
-    def chunk(self, text: str | None = None, *, first: bool = False, finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None = None, *, first: bool = False, finish_reason: str | None = None, index: int = 0,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index), "finish_reason": finish_reason}
             out = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": self.logprobs(logprobs, index), "finish_reason": finish_reason}
             out = self._head("text_completion")
         out["choices"] = [choice]
         if self.prepared.include_usage:
@@ -364,9 +397,9 @@ class _Shape:
             out.update(self._extras())  # once at the start, once at the end: not on every token
         return out
 
-    def usage_chunk(self, result: GenerationResult) -> dict[str, Any]:
+    def usage_chunk(self, results: list[GenerationResult]) -> dict[str, Any]:
         out = self._head("chat.completion.chunk" if self.chat else "text_completion")
-        out.update(choices=[], usage=result.usage.as_dict())
+        out.update(choices=[], usage=Usage.of_choices([r.usage for r in results]).as_dict())
         return out
 
 
@@ -487,6 +520,7 @@ def create_app(
     prefill_chunk: int | None = None,
     body_timeout: float = 30.0,
     idle_stream_timeout: float | None = None,
+    scheduler: Any = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around ``aligner`` (an :class:`~prefalign.Aligner`).
 
@@ -503,6 +537,12 @@ def create_app(
     ``body_timeout``: seconds for a request body to arrive (408). ``idle_stream_timeout``:
     a stream whose writes have waited this long for the client to read is cancelled,
     freeing its batch slot (``None``: never).
+
+    ``scheduler``: where requests run, in place of a :class:`Scheduler` on
+    ``aligner.engine``: anything with its ``start``/``stop``/``submit``/``cancel``/``load``
+    and ``stats``, whose jobs have ``ready``/``next_event``, plus an async ``health()``.
+    :mod:`prefalign.server.ray_serve` passes one that sends each validated request to a
+    Ray Serve replica; ``aligner`` then only needs to render and check requests.
     """
     make_method(default_method)  # fail at startup, not on the first request
     if prefill_chunk is not None:
@@ -521,11 +561,13 @@ def create_app(
         body_timeout=body_timeout,
         idle_stream_timeout=idle_stream_timeout,
     )
-    scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
+    if scheduler is None:
+        scheduler = Scheduler(aligner, max_batch=max_batch, max_queue=max_queue)
     # Rendering and tokenising (and a first PAD request's PRM load) run here, off the
     # event loop; one worker, because a tokenizer is not safe to share between threads.
     preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefalign-prepare")
     translator = _Translator(aligner, config)
+    token_text = TokenText(aligner.tokenizer)  # token texts and bytes of logprobs, cached
     started = int(time.time())
 
     @asynccontextmanager
@@ -639,64 +681,80 @@ def create_app(
 
     # -- generation ----------------------------------------------------------------------
 
-    def submit(prepared: Prepared) -> Job:
+    def submit(prepared: Prepared) -> list[Job]:
+        """Queue the request's answers (``n``: one job each, sharing the prompt's prefill)."""
         try:
-            return scheduler.submit(prepared.request, asyncio.get_running_loop(), stream=prepared.stream)
+            return scheduler.submit_all(prepared.request.split_choices(), asyncio.get_running_loop(), stream=prepared.stream)
         except QueueFullError as exc:
             raise APIError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)}) from exc
         except SchedulerStoppedError as exc:
             raise APIError(503, str(exc), code="server_shutting_down") from exc
+        except PrefalignError as exc:  # what this scheduler cannot serve (n > 1 on Ray replicas)
+            raise APIError(400, _api_message(str(exc)), param=param_name(exc.field), code=exc.code) from exc
+
+    def cancel_all(jobs: list[Job]) -> None:
+        for job in jobs:
+            scheduler.cancel(job)  # no-op once finished
 
     async def answer(request: Request, prepared: Prepared, *, chat: bool) -> Response:
-        shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared)
-        job = submit(prepared)
+        shape = _Shape(chat=chat, model_id=config.model_id, prepared=prepared, token_text=token_text)
+        jobs = submit(prepared)
+        for job in jobs:
+            await job.ready()  # a remote replica may still refuse it: an error before any byte is sent
         if prepared.stream:
             client = request.client.host if request.client else "?"
 
             def stalled(timeout: float) -> None:
-                log.warning("stream %s from %s: not read for %g s; cancelled, its batch slot freed", job.id, client, timeout)
+                log.warning("stream %s from %s: not read for %g s; cancelled, its batch slot freed", jobs[0].id, client, timeout)
 
             return _SSEResponse(
-                _stream(job, shape), on_close=lambda: scheduler.cancel(job), idle_timeout=config.idle_stream_timeout, on_stall=stalled
+                _stream(jobs, shape), on_close=lambda: cancel_all(jobs), idle_timeout=config.idle_stream_timeout, on_stall=stalled
             )
+        index = {job.id: i for i, job in enumerate(jobs)}
+        results: dict[int, GenerationResult] = {}
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            while True:
-                getter = asyncio.ensure_future(job.next_event())
+            while len(results) < len(jobs):
+                getter = asyncio.ensure_future(jobs[0].next_event())  # the jobs share one queue
                 done, _ = await asyncio.wait({getter, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:  # the client left: free its slot
+                if getter not in done:  # the client left: free its slots
                     getter.cancel()
-                    scheduler.cancel(job)
+                    cancel_all(jobs)
                     return Response(status_code=499)
                 event = getter.result()
                 if isinstance(event, GenerationResult):
                     if event.error is not None:
                         raise _failed_request(event)
-                    return JSONResponse(shape.full(event))
-                if isinstance(event, BaseException):
+                    results[index[event.request_id]] = event
+                elif isinstance(event, BaseException):
                     raise _job_error(event)
+            return JSONResponse(shape.full([results[i] for i in range(len(jobs))]))
         finally:
             disconnect.cancel()
-            scheduler.cancel(job)  # no-op once finished; frees the slot on any other exit
+            cancel_all(jobs)  # frees the slots on any other exit
 
-    async def _stream(job: Job, shape: _Shape) -> AsyncIterator[bytes]:
-        yield _sse(shape.chunk("" if shape.chat else None, first=True))
-        while True:
-            event = await job.next_event()
+    async def _stream(jobs: list[Job], shape: _Shape) -> AsyncIterator[bytes]:
+        index = {job.id: i for i, job in enumerate(jobs)}
+        for i in range(len(jobs)):
+            yield _sse(shape.chunk("" if shape.chat else None, first=True, index=i))
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(jobs):
+            event = await jobs[0].next_event()  # the jobs share one queue
             if isinstance(event, Delta):
-                if event.text:
-                    yield _sse(shape.chunk(event.text))
+                if event.text or event.logprobs:
+                    yield _sse(shape.chunk(event.text, index=index[event.request_id], logprobs=event.logprobs))
             elif isinstance(event, GenerationResult):
                 if event.error is not None:
                     yield _sse(_failed_request(event).body())
                     break
-                yield _sse(shape.chunk(None, finish_reason=event.finish_reason))
-                if shape.prepared.include_usage:
-                    yield _sse(shape.usage_chunk(event))
-                break
+                results[index[event.request_id]] = event
+                yield _sse(shape.chunk(None, finish_reason=event.finish_reason, index=index[event.request_id]))
             else:  # the status line is sent already: report the error in the stream
                 yield _sse(_job_error(event).body())
                 break
+        else:
+            if shape.prepared.include_usage:
+                yield _sse(shape.usage_chunk([results[i] for i in range(len(jobs))]))
         yield b"data: [DONE]\n\n"
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
@@ -757,13 +815,15 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and load; unauthenticated so that probes need no key."""
+        if not isinstance(scheduler, Scheduler):  # replicas elsewhere report themselves
+            return {"model": config.model_id, **await scheduler.health()}
         return {
             "status": "ok",
             "model": config.model_id,
             **scheduler.load(),
             "max_batch": config.max_batch,
             "max_queue": config.max_queue,
-            "engine_active": aligner.engine.num_active,
+            "engine_active": scheduler.engine_active,  # not engine.num_active: only the scheduler thread touches the engine
             "stats": asdict(scheduler.stats),
         }
 

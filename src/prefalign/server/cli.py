@@ -10,6 +10,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ..cluster import RAY_ADDRESS_HELP
+
+RAY = "Ray Serve replicas (prefalign[cluster]; docs/scaling.md)"
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -54,6 +58,13 @@ def serve(
     idle_stream_timeout: Annotated[float, typer.Option(min=0, help="Cancel a stream whose client has not read it for this many seconds, freeing its batch slot (0: never).")] = 60.0,
     max_connections: Annotated[int, typer.Option(min=0, help="Open connections in all; more are answered 503 and closed (0: no cap).")] = 512,
     max_connections_per_ip: Annotated[int, typer.Option(min=0, help="Open connections from one client address (0: no cap; behind a reverse proxy every client has its address).")] = 128,
+    replicas: Annotated[Optional[int], typer.Option(min=1, help="Serve from N engine replicas on Ray Serve (without it: this process, no Ray).", rich_help_panel=RAY)] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help=RAY_ADDRESS_HELP, rich_help_panel=RAY)] = None,
+    replica_cpus: Annotated[float, typer.Option(min=0, help="CPUs Ray reserves per replica (torch uses --threads).", rich_help_panel=RAY)] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(min=0, help="GPUs per replica (1 with --device cuda: one replica per GPU).", rich_help_panel=RAY)] = 0.0,
+    min_replicas: Annotated[Optional[int], typer.Option(min=1, help="Autoscale: fewest replicas.", rich_help_panel=RAY)] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(min=1, help="Autoscale: most replicas.", rich_help_panel=RAY)] = None,
+    target_ongoing_requests: Annotated[float, typer.Option(min=0.1, help="Autoscale: requests per replica Ray Serve aims at.", rich_help_panel=RAY)] = 8.0,
 ) -> None:
     """Serve an OpenAI-compatible chat API with per-request preferences."""
     import uvicorn
@@ -65,13 +76,23 @@ def serve(
 
     if not _is_loopback(host) and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    if backend == "llamacpp":
+        load = dict(model=model, backend=backend, threads=threads, prm=prm)
+    else:
+        load = dict(model=model, device=device, dtype=dtype, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend)
+    if replicas is None and (ray_address or min_replicas or max_replicas):
+        typer.echo("error: --ray-address, --min-replicas and --max-replicas need --replicas N", err=True)
+        raise typer.Exit(2)
+    if replicas is not None:
+        settings = dict(api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_tokens_cap=max_tokens_cap, max_body_bytes=max_body_bytes,
+                        model_id=served_model_name, default_method=default_method, max_prompt_tokens=max_prompt_tokens,
+                        body_timeout=body_timeout, idle_stream_timeout=idle_stream_timeout or None)
+        scaling = dict(replicas=replicas, cpus=replica_cpus, gpus=replica_gpus, min_replicas=min_replicas, max_replicas=max_replicas,
+                       target_ongoing_requests=target_ongoing_requests)
+        _serve_replicas(load, settings, scaling, host=host, port=port, ray_address=ray_address, prefill_chunk=prefill_chunk)
+        return
     try:
-        if backend == "llamacpp":
-            aligner = Aligner.from_pretrained(model, backend=backend, threads=threads, prm=prm)
-        else:
-            aligner = Aligner.from_pretrained(
-                model, device=device, dtype=dtype, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend,
-            )
+        aligner = Aligner.from_pretrained(**load)
         app = create_app(
             aligner,
             api_key=api_key,
@@ -112,3 +133,24 @@ def run_server(app: Any, config: Any) -> None:
             super().handle_exit(sig, frame)
 
     Server(config).run()
+
+
+def _serve_replicas(load: dict, settings: dict, scaling: dict, **where: Any) -> None:
+    """``serve --replicas N``: the same app on Ray Serve replicas until Ctrl-C or SIGTERM."""
+    from ..errors import PrefalignError
+
+    try:
+        from .ray_serve import ReplicaOptions, serve_on_ray, wait_for_signal
+    except ImportError as exc:
+        typer.echo(f"error: --replicas needs Ray Serve ({exc}): pip install 'prefalign[cluster]'", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        options = ReplicaOptions(**scaling)
+        with serve_on_ray(load, settings, options, **where) as live:
+            scale = f"{options.lowest}-{options.highest} (autoscaled)" if options.autoscaling else str(options.replicas)
+            typer.echo(f"serving {live.model_id} on {live.url}/v1 from {scale} replicas on Ray ({live.cluster.name}); "
+                       f"each loaded in {live.spec.load_seconds:.1f} s, {live.spec.max_rss_mb:.0f} MB", err=True)
+            wait_for_signal()
+    except PrefalignError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc

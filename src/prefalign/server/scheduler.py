@@ -100,7 +100,9 @@ class Job:
     cancelled by its client gets no terminal event: nobody is listening.
     """
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> None:
+    def __init__(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool, events: asyncio.Queue[Event] | None = None
+    ) -> None:
         self.request = request
         self.stream = stream
         self.submitted_at = time.perf_counter()
@@ -108,7 +110,8 @@ class Job:
         self.finished = False  # a terminal event was posted (read on the loop thread)
         self.cancelled = False
         self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        # The n answers of one HTTP request share one queue (Scheduler.submit_all).
+        self._events: asyncio.Queue[Event] = events if events is not None else asyncio.Queue()
 
     @property
     def id(self) -> str:
@@ -126,9 +129,20 @@ class Job:
             self.finished = True
         self._events.put_nowait(event)
 
+    async def ready(self) -> None:
+        """Return once the request is accepted: at once here, where ``submit`` accepted it
+        (a job run by a remote replica waits for the replica's word)."""
+
     async def next_event(self) -> Event:
         """Wait for the next event."""
         return await self._events.get()
+
+    async def next_events(self) -> list[Event]:
+        """Wait for the next event and take the ones already delivered behind it."""
+        events = [await self._events.get()]
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
 
 
 @dataclass
@@ -173,6 +187,11 @@ class Scheduler:
         # Mean seconds a request spends in the engine, for Retry-After.
         self._service_seconds = 1.0
         self._session: Session | None = None
+        #: Requests running in the engine, as the scheduler thread last saw them. Other
+        #: threads read this, never the engine: Engine.num_active and has_work repair an
+        #: interrupted step, and doing that from another thread mid-step drops the running
+        #: requests behind the scheduler's back (their clients would wait forever).
+        self.engine_active = 0
 
     @property
     def engine(self) -> Engine:
@@ -215,27 +234,39 @@ class Scheduler:
                 log.warning("scheduler thread did not stop within %.0f s", timeout)
         self._thread = None
 
+    def is_alive(self) -> bool:
+        """Whether the scheduler thread is running (a replica's health check)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # -- called from request handlers -----------------------------------------------------
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, *, stream: bool) -> Job:
         """Queue ``request``; raises :class:`QueueFullError` when the queue is full."""
-        job = Job(request, loop, stream=stream)
+        return self.submit_all([request], loop, stream=stream)[0]
+
+    def submit_all(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop, *, stream: bool) -> list[Job]:
+        """Queue ``requests`` together (all or none: :class:`QueueFullError`), e.g. the ``n``
+        answers of one request (``GenerationRequest.split_choices``). Their events arrive on
+        one queue, read with any of the jobs' :meth:`Job.next_event`; admitted together,
+        they share one prefill when a batch slot is free for each."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        jobs = [Job(request, loop, stream=stream, events=events) for request in requests]
         with self._lock:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down")
             # Free batch slots are filled at once, so they count as capacity too.
             capacity = self.max_batch + self.max_queue
-            if len(self._running) + len(self._waiting) >= capacity:
+            if len(self._running) + len(self._waiting) + len(jobs) > capacity:
                 self.stats.rejected += 1
                 raise QueueFullError(
                     f"the server is busy: {len(self._running)} requests running and {len(self._waiting)} "
                     f"queued (max_batch={self.max_batch}, max_queue={self.max_queue}); retry later",
                     self._retry_after_locked(),
                 )
-            self._waiting.append(job)
-            self.stats.submitted += 1
+            self._waiting.extend(jobs)
+            self.stats.submitted += len(jobs)
             self._wake.set()
-        return job
+        return jobs
 
     def cancel(self, job: Job) -> None:
         """Drop ``job`` (client went away). Safe to call twice or after it finished."""
@@ -276,6 +307,7 @@ class Scheduler:
                 if was_busy:
                     _trim_heap()  # the batch drained: give its freed KV caches back to the OS
                 was_busy = False
+                self.engine_active = 0
                 self._wake.wait(timeout=1.0)
                 continue
             was_busy = True
@@ -290,6 +322,7 @@ class Scheduler:
                 continue
             self.stats.steps += 1
             self._dispatch(events)
+            self.engine_active = self.engine.num_active
         self._shutdown()
 
     def _apply_cancels_locked(self) -> None:

@@ -106,6 +106,7 @@ class ChatCompletionRequest(_GenerationBody):
 
     messages: list[ChatMessage] = Field(...)
     max_completion_tokens: Optional[int] = None
+    #: The log-probabilities of the method's scores per token (``top_logprobs``: 0–20 alternatives).
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
@@ -118,6 +119,7 @@ class CompletionRequest(_GenerationBody):
     """``POST /v1/completions`` (one plain prompt, answered as a user message)."""
 
     prompt: Union[str, list[str]] = Field(...)
+    #: Legacy completions: the number of alternatives per token (0: the token's own log-prob only).
     logprobs: Optional[int] = None
     echo: Optional[bool] = None
     best_of: Optional[int] = None
@@ -131,8 +133,6 @@ def _is_neutral_response_format(value: Any) -> bool:
 #: Field -> predicate of the values that mean "feature not used".
 NEUTRAL_ONLY: dict[str, Any] = {
     "logit_bias": lambda v: not v,
-    "logprobs": lambda v: not v,
-    "top_logprobs": lambda v: v in (None, 0),
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "response_format": _is_neutral_response_format,

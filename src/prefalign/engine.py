@@ -19,16 +19,20 @@ One step (see docs/architecture.md):
    through each model with a fresh KV cache (whole, or ``prefill_chunk`` tokens per
    model forward per step while others are running); a complete group's rows join
    the running rows.
-2. Every running row is fed its last token (one forward per model over all rows); the
-   last position's log-softmax of each row is gathered per request into a
-   ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
-   scores. Requests sharing a method and weights are combined in one call.
+2. Every running row is fed its last token (one forward per model over all rows). The
+   *step plan* (rebuilt only when rows join, leave or follow beams) says where each
+   group's rows lie: requests sharing a method, weights and kind of token choice get
+   one ``[tracks, K, V]`` block (a view when in order) that the method's ``combine``
+   turns into ``[tracks, V]`` scores.
 3. The repetition controls of the requests that set them (:mod:`prefalign.decoding.repetition`,
-   one batched op over their rows) adjust the scores; each request's strategy turns
-   its scores into tokens; the token is appended to all K contexts of its track (and
-   to its history, if it keeps one); EOS, stop strings and ``max_new_tokens`` end a request.
-4. Finished rows leave the batch and beam tracks follow their parents — one row
-   selection on every runner.
+   one batched op over their rows) adjust the scores; tokens are chosen on the device
+   per group (greedy: one max; sampling: one batched draw, seeded per request; beam
+   search: its own path); one device→host transfer brings all of them; each is
+   appended to its track (and history); EOS, stop strings and ``max_new_tokens`` end a
+   request; the text is decoded incrementally.
+4. Rows unchanged: each runner is fed its next tokens on the device. Otherwise finished
+   rows leave the batch and beam tracks follow their parents — one row selection on
+   every runner.
 
 Requests can join and leave between steps (continuous batching): :meth:`Engine.add`,
 :meth:`Engine.cancel`, :meth:`Engine.step`. A fault while preparing, combining or

@@ -105,7 +105,7 @@ def test_no_logprobs_unless_asked(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_n_answers_are_indexed_reproducible_and_equal_single_requests(live, reference, stream):
-    sent = body(n=3, seed=21, temperature=1.0, preference="concise", max_tokens=10)
+    sent = body(n=3, seed=21, temperature=1.0, preference="concise", alignment={"method": "amulet"}, max_tokens=10)
     expected = [reference.generate(CHAT, preference="concise", method="amulet", max_new_tokens=10, ignore_eos=True,
                                    temperature=1.0, seed=21 + i)[0] for i in range(3)]
 

@@ -105,9 +105,9 @@ def test_slow_and_silent_connections_are_closed_while_a_normal_client_is_served(
         for sock in silent + slow:
             sock.close()
     # Silent sockets: closed without a word; slow ones: a 408 naming the head deadline.
-    assert all(data == b"" and at is not None and at - opened < LIMITS.head_timeout + 1.5 for data, at in closed_silent)
+    assert all(data == b"" and at is not None and at - opened < LIMITS.head_timeout + 2.5 for data, at in closed_silent)
     for data, at in closed_slow:
-        assert at is not None and at - opened < LIMITS.head_timeout + 1.5
+        assert at is not None and at - opened < LIMITS.head_timeout + 2.5
         assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data
     assert httpx.get(guarded.url + "/health", timeout=10).json()["status"] == "ok"
 
@@ -125,7 +125,7 @@ def test_an_idle_kept_alive_connection_and_a_slow_second_head_are_closed(guarded
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     # The kept-alive connection stays silent: uvicorn's keep-alive timeout closes it.
     data, at = read_until_closed(idle, 5.0)
-    assert at is not None and at - answered < LIMITS.keep_alive_timeout + 1.5
+    assert at is not None and at - answered < LIMITS.keep_alive_timeout + 2.5
     # The second head arrives a byte every 0.3 s: the head deadline applies to it too.
     closed_at = None
     for i in range(len(HEAD)):
@@ -136,7 +136,7 @@ def test_an_idle_kept_alive_connection_and_a_slow_second_head_are_closed(guarded
         data, closed_at = read_until_closed(slow, 0.3)
         if closed_at is not None:
             break
-    assert closed_at is not None and closed_at - answered < LIMITS.head_timeout + 1.5
+    assert closed_at is not None and closed_at - answered < LIMITS.head_timeout + 2.5
     idle.close()
     slow.close()
 
@@ -183,9 +183,10 @@ def test_a_stream_nobody_reads_is_cancelled_and_the_queued_one_is_served(tiny, t
         reader.sendall(request)  # ... and never reads
         assert wait_for(lambda: server.health()["running"] == 1)
         started = time.monotonic()
-        second = httpx.post(server.url + URL, json={**OK_BODY, "max_tokens": 4}, timeout=60)
+        second = httpx.post(server.url + URL, json={**OK_BODY, "max_tokens": 4, "stream": True}, timeout=60)  # queued behind it
         waited = time.monotonic() - started
-        assert second.status_code == 200
+        assert second.status_code == 200 and second.text.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason":"length"' in second.text
         stats = server.health()["stats"]
         assert stats["cancelled"] == 1 and stats["completed"] == 1
         # The slot was freed before the unread stream could finish its 4,000 tokens.

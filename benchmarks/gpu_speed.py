@@ -132,15 +132,16 @@ def measure(shape: str, batches: list[int], tokens: int, repeats: int, device: t
 
 
 def _line(row: dict[str, Any], methods: tuple[str, ...]) -> str:
-    cells = [f"{row['batch']:>5}", f"{row['transformers_static_ms']:>8.2f}", f"{row['transformers_dynamic_ms']:>8.2f}"]
+    """One batch size: ms per step, then base / static and each method / base (≤ 80 columns)."""
+    cells = [f"{row['batch']:>5}", f"{row['transformers_static_ms']:>7.2f}", f"{row['transformers_dynamic_ms']:>7.2f}"]
     base = row.get("base_ms")
     for method in methods:
         ms = row[f"{method}_ms"]
         ratio = ms / (row["transformers_static_ms"] if method == "base" else base) if base else float("nan")
-        cells.append(f"{ms:>8.2f} ({ratio:4.2f}×)")
+        cells.append(f"{ms:>7.2f} {ratio:4.2f}×")
     if "base_equals_transformers" in row:
         cells.append(f"{row['base_equals_transformers']}/{row['batch']}")
-    return "  ".join(cells)
+    return " ".join(cells)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     methods = tuple(args.method or METHODS)
-    print(f"{args.shape} shape, {dtype} on {device}; ms per step; base's ratio is to transformers' static-cache "
-          f"generate ({'compiled' if device.type == 'cuda' else 'eager: no compile on a CPU'}), the others' to base")
-    print("batch    static   dynamic  " + "  ".join(f"{m:>16}" for m in methods) + "  base=hf")
+    print(f"{args.shape} shape, {dtype} on {device}; ms per step and ratio: base to transformers'")
+    print(f"static-cache generate ({'compiled' if device.type == 'cuda' else 'eager: no compile on a CPU'}), the others to base")
+    print(f"{'batch':>5} {'static':>7} {'dynamic':>7} " + " ".join(f"{m:>13}" for m in methods) + " base=hf")
     result = measure(args.shape, args.batch or [1, 8, 32], args.tokens, args.repeats, device, dtype, methods)
     result.update(
         device=str(device), dtype=str(dtype), torch=torch.__version__, machine=platform.processor() or platform.machine(),

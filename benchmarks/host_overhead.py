@@ -100,13 +100,18 @@ def measure(batches: list[int], tokens: int, repeats: int, methods: tuple[str, .
 
 
 def _line(row: dict, methods: tuple[str, ...]) -> str:
+    """One batch size's ms per step (≤ 80 columns for the default seven columns)."""
+    return f"{row['batch']:>5} {row['transformers_ms']:>8.1f}" + "".join(f" {row[f'{m}_ms']:>8.1f}" for m in methods)
+
+
+def _ratios(row: dict, methods: tuple[str, ...]) -> str:
+    """base / transformers, the others / base."""
     base = row.get("base_ms")
-    cells = [f"{row['batch']:>5}", f"{row['transformers_ms']:>8.2f}"]
+    cells = []
     for method in methods:
-        ms = row[f"{method}_ms"]
-        ratio = ms / (row["transformers_ms"] if method == "base" else base) if base else float("nan")
-        cells.append(f"{ms:>7.2f} ({ratio:4.2f}×)")
-    return "  ".join(cells)
+        reference = row["transformers_ms"] if method == "base" else base
+        cells.append(f" {row[f'{method}_ms'] / reference:>7.2f}×" if reference else f" {'-':>8}")
+    return f"{row['batch']:>5} {'':>8}" + "".join(cells)
 
 
 def main() -> None:
@@ -119,10 +124,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     methods = tuple(args.method or METHODS)
-    print("ms per step; base's ratio is to transformers generate, the others' to base")
-    print("batch  transformers  " + "  ".join(f"{m:>15}" for m in methods))
-    print("(amulet0, la0: kl_budget=0, the papers' rules without the safeguard)")
+    header = f"{'batch':>5} {'hf':>8}" + "".join(f" {m:>8}" for m in methods)
+    print("ms per step (hf: transformers generate; amulet0, la0: kl_budget=0)")
+    print(header)
     result = measure(args.batch or [1, 8, 32, 64], args.tokens, args.repeats, methods)
+    print("ratios: base to transformers generate, the others to base")
+    print(header)
+    for row in result["rows"]:
+        print(_ratios(row, methods))
     result.update(machine=platform.processor() or platform.machine(), torch=torch.__version__, threads=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

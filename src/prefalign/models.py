@@ -197,7 +197,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None and str(dtype).lower() not in DTYPES:
-        raise PrefalignError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
+        raise PrefalignError(f"dtype must be auto, fp32, bf16 or fp16 (or their torch names), got {dtype!r}", field="dtype")
     chosen = DTYPES["auto" if dtype is None else str(dtype).lower()]
     if chosen is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -113,7 +113,8 @@ def generate(
         fast_setting(fast)  # refuse a bad --fast before loading
         checked = check_request(
             method=method, preference=preference, weight=weight, param=param, w=w, prm=prm, template=template,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, model=model,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            model=model,
         )
         check_backend(backend, checked.method)
     except PrefalignError as exc:
@@ -128,7 +129,7 @@ def generate(
         )
         prefs, method = checked.preference, checked.method
         if as_json or not stream:
-            request = aligner.build_request(chat, prefs, method, **kwargs)  # built once: its method echoes the params
+            request = aligner.prepare(checked.spec, chat)  # checked once: its method echoes the params
             result = aligner.engine.generate([request])[0]
             if as_json:
                 print(json.dumps({
@@ -269,8 +270,7 @@ def chat(
     backend: str = BackendOpt,
 ) -> None:
     """Interactive chat. Type /help for the commands (/pref, /method, /param, /reset, /quit)."""
-    from .decoding.sampling import SamplingParams, split_repetition
-    from .methods import make_method
+    from .decoding.sampling import split_repetition
     from .prompts import parse_preferences
 
     pref_texts, pref_weights = list(preference), list(weight)
@@ -368,9 +368,7 @@ def chat(
                         params = {}
                     else:
                         candidate = {**params, **parse_params([arg])}
-                        method_params, repetition = split_repetition(candidate)
-                        make_method(current_method(), **method_params)
-                        SamplingParams(**repetition)
+                        check(current_method(), candidate)  # the request spec every face builds
                         params = candidate
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "reset":

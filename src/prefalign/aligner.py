@@ -304,7 +304,15 @@ class Aligner:
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> list[GenerationResult]:
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        preference: Any = None,
+        method: str | Method | None = None,
+        *,
+        spec: RequestSpec | None = None,
+        **kwargs: Any,
+    ) -> list[GenerationResult]:
         """Answer each prompt; returns one :class:`GenerationResult` per prompt, in order.
 
         ``prompts`` is a string, a chat (list of ``{role, content}``) or a list of these.
@@ -322,22 +330,39 @@ class Aligner:
         ``n`` > 1: n answers per prompt, returned prompt by prompt (``len(prompts) × n``
         results; ``result.choice`` is i); answer i samples with seed ``seed + i``, so it
         equals a single call with that seed, and the n answers share the prompt's prefill.
-        """
-        return self.engine.generate([r for choices in self._requests(prompts, preference, method, kwargs) for r in choices])
 
-    def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> Iterator[StreamEvent]:
+        ``spec``: a :class:`~prefalign.spec.RequestSpec` built (and checked) beforehand, in
+        place of ``preference``, ``method`` and ``kwargs``.
+        """
+        return self.engine.generate([r for choices in self._requests(prompts, preference, method, spec, kwargs) for r in choices])
+
+    def stream(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        preference: Any = None,
+        method: str | Method | None = None,
+        *,
+        spec: RequestSpec | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as tokens are chosen
         (``event.index``: the prompt; ``event.choice``: which of its ``n`` answers)."""
-        requests = self._requests(prompts, preference, method, kwargs)
+        requests = self._requests(prompts, preference, method, spec, kwargs)
         return self._stream(requests)
 
-    def _requests(self, prompts: Any, preference: Any, method: str | Method | None, kwargs: dict[str, Any]) -> list[list[GenerationRequest]]:
+    def _requests(
+        self, prompts: Any, preference: Any, method: str | Method | None, spec: RequestSpec | None, kwargs: dict[str, Any]
+    ) -> list[list[GenerationRequest]]:
         """Per prompt, its checked requests: one per answer (``n``; no prompts: an error,
-        for generate and stream alike)."""
+        for generate and stream alike). One spec for the call, checked once."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:
             raise PrefalignError("no prompts given", field="prompt")
-        return [self.build_request(p, preference, method, **kwargs).split_choices() for p in batch]
+        if spec is None:
+            spec = RequestSpec.build(method, preference, **kwargs)
+        elif preference is not None or method is not None or kwargs:
+            raise PrefalignError("give a spec or the request's settings (preference, method, ...), not both", field="spec")
+        return [self.prepare(spec, p).split_choices() for p in batch]
 
     def _stream(self, built: list[list[GenerationRequest]]) -> Iterator[StreamEvent]:
         requests = [r for choices in built for r in choices]

@@ -123,10 +123,6 @@ def generate(
     try:
         chat: Any = prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
         aligner = _load(model, fast, threads, checked.prm, backend)
-        kwargs = dict(
-            max_new_tokens=max_new_tokens, template=template, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop or None, **checked.params,
-        )
         prefs, method = checked.preference, checked.method
         if as_json or not stream:
             request = aligner.prepare(checked.spec, chat)  # checked once: its method echoes the params
@@ -141,7 +137,7 @@ def generate(
                 print(result.text)
             return
         out = WordWrapper(sys.stdout, console.width if sys.stdout.isatty() else None)
-        for event in aligner.stream(chat, preference=prefs, method=method, **kwargs):
+        for event in aligner.stream(chat, spec=checked.spec):
             out.write(event.text)
             if event.finish_reason:
                 out.finish()
@@ -383,10 +379,7 @@ def chat(
         answer = ""
         out = WordWrapper(sys.stdout, console.width if sys.stdout.isatty() else None)
         try:
-            for event in aligner.stream(
-                history, preference=prefs(), method=current_method(), max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, seed=seed, **params,
-            ):
+            for event in aligner.stream(history, spec=check(chosen_method, params).spec):
                 answer += event.text
                 out.write(event.text)
             out.finish()

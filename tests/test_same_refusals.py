@@ -39,6 +39,7 @@ class Case:
     param: str | None = None  # the server's name for the field
     chat: str | None = None  # chat's /param argument
     eval: dict[str, Any] | None = None  # EvalConfig fields
+    eval_cli: list[str] | None = None  # `prefalign eval` arguments
     loads: bool = False  # model-dependent: the CLI loads the model first
 
     @property
@@ -48,11 +49,13 @@ class Case:
 
 CASES = [
     Case("unknown method", {"method": "amulett"}, "method", ["-p", "concise", "--method", "amulett"],
-         {"alignment": {"method": "amulett"}}, "alignment.method", eval={"methods": ["amulett"]}),
+         {"alignment": {"method": "amulett"}}, "alignment.method", eval={"methods": ["amulett"]},
+         eval_cli=["--methods", "amulett"]),
     Case("needs a preference", {"preference": None}, "preference", ["--method", "amulet"],
          {"preference": None, "alignment": {"method": "amulet"}}, "preference"),
     Case("unknown template", {"template": "amulett"}, "template", [*AMULET, "--template", "amulett"],
-         {"alignment": {"method": "amulet", "template": "amulett"}}, "alignment.template", eval={"template": "amulett"}),
+         {"alignment": {"method": "amulet", "template": "amulett"}}, "alignment.template", eval={"template": "amulett"},
+         eval_cli=["--template", "amulett"]),
     Case("seed out of range", {"seed": 2**64, "temperature": 0.5}, "seed", [*AMULET, "--seed", str(2**64), "-t", "0.5"],
          {"seed": 2**64, "temperature": 0.5}, "seed"),
     Case("non-finite weight", {"preference": [("concise", float("inf"))]}, "preference", [*AMULET, "--weight", "inf"]),
@@ -60,14 +63,15 @@ CASES = [
          [*AMULET, "-p", "formal", "--weight", "1", "--weight", "0"],
          {"preference": [{"text": "concise", "weight": 1.0}, {"text": "formal", "weight": 0.0}]}, "preference"),
     Case("amulet lambda 0", {"lam": 0.0}, "lam", [*AMULET, "-P", "lam=0"],
-         {"alignment": {"method": "amulet", "lam": 0.0}}, "alignment.lam", chat="lam=0", eval={"sweeps": ["amulet.lam=0"]}),
+         {"alignment": {"method": "amulet", "lam": 0.0}}, "alignment.lam", chat="lam=0", eval={"sweeps": ["amulet.lam=0"]},
+         eval_cli=["--sweep", "amulet.lam=0"]),
     Case("unknown method parameter", {"alpah": 1.0}, "alpah", [*AMULET, "-P", "alpah=1.0"],
          {"alignment": {"method": "amulet", "alpah": 1.0}}, "alignment.alpah", chat="alpah=1.0"),
     Case("max_new_tokens 0", {"max_new_tokens": 0}, "max_new_tokens", [*AMULET, "-n", "0"], {"max_tokens": 0}, "max_tokens",
-         eval={"max_new_tokens": 0}),
+         eval={"max_new_tokens": 0}, eval_cli=["-n", "0"]),
     Case("repetition_penalty 0", {"repetition_penalty": 0.0}, "repetition_penalty", [*AMULET, "-P", "repetition_penalty=0.0"],
          {"repetition_penalty": 0.0}, "repetition_penalty", chat="repetition_penalty=0.0",
-         eval={"sweeps": ["amulet.repetition_penalty=0.0"]}),
+         eval={"sweeps": ["amulet.repetition_penalty=0.0"]}, eval_cli=["--sweep", "amulet.repetition_penalty=0.0"]),
     Case("frequency_penalty 3", {"frequency_penalty": 3.0}, "frequency_penalty", [*AMULET, "-P", "frequency_penalty=3.0"],
          {"frequency_penalty": 3.0}, "frequency_penalty", chat="frequency_penalty=3.0"),
     Case("presence_penalty -3", {"presence_penalty": -3.0}, "presence_penalty", [*AMULET, "-P", "presence_penalty=-3.0"],
@@ -156,6 +160,17 @@ def test_every_face_refuses_alike(tiny_al, server, monkeypatch, tmp_path, case):
             run_eval(EvalConfig(**settings), tmp_path / "out", progress=False, report=False)
         assert info.value.field == case.field
         assert str(info.value) == message
+
+    if case.eval_cli is not None:  # `prefalign eval`, before any model loads
+        import prefalign.eval.runner
+
+        monkeypatch.setattr(prefalign.eval.runner, "_load_aligner", lambda *a, **k: pytest.fail("eval loaded a model"))
+        data = tmp_path / "prompts.json"
+        data.write_text('["hi"]')
+        args = ["eval", "-d", str(data), "-p", "concise", "--methods", "amulet", "-o", str(tmp_path / "cli"), *case.eval_cli]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == 2, result.output
+        assert _flat(message) in _flat(result.output)
 
 
 def test_a_bad_backend_is_refused_alike_before_loading(monkeypatch):

@@ -68,3 +68,22 @@ def test_prepare_checks_the_window_or_fits_it(tiny_al):
     longest = max(len(ids) for _, ids in request.contexts)
     assert request.sampling.max_new_tokens == 256 - longest
     assert tiny_al.prepare(RequestSpec.build("pref", "concise", max_new_tokens=5), "hi", fit_window=True).sampling.max_new_tokens == 5
+
+
+def test_the_server_fits_an_unset_max_tokens_to_the_window(tokenizer):
+    pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    from conftest import _tiny_llama
+    from prefalign.server import create_app
+
+    app = create_app(Aligner(_tiny_llama(len(tokenizer), max_positions=96), tokenizer), model_id="tiny")
+    chat = [{"role": "user", "content": "hi"}]
+    with TestClient(app) as client:
+        body = {"model": "tiny", "temperature": 0, "ignore_eos": True, "alignment": {"method": "base"}}
+        reply = client.post("/v1/chat/completions", json={**body, "messages": chat}).json()
+        usage = reply["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 96, reply  # the whole window, no placeholder
+        reply = client.post("/v1/completions", json={**body, "prompt": "hi"}).json()
+        usage = reply["usage"]
+        assert usage["completion_tokens"] == 16, reply  # the completions endpoint's default (OpenAI's)

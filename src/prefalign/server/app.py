@@ -295,8 +295,8 @@ class _Translator:
                     f"{rule.name!r}; this server allows at most {config.max_prompt_tokens} (serve --max-prompt-tokens)",
                     field="prompt",
                 )
-            # Engine.add validates what build_request does not (weights > 0, beam with
-            # sampling); checking here gives the client a 400 instead of a failed job.
+            # The engine's own check (its models, non-empty contexts) before queueing:
+            # the client gets a 400 instead of a failed job.
             self.aligner.engine.validate(request.split_choices()[0])
         except APIError:
             raise

@@ -117,3 +117,44 @@ def test_stop_strings_cut_and_hold_back():
     assert StopStrings().safe_end("abc\ufffd", emitted=0) == 3
     assert StopStrings().safe_end("abc", emitted=3) == 3
     assert StopStrings().cut("anything", previous=0) is None
+
+
+def test_batched_sampling_draws_what_each_row_draws_alone():
+    """sample_rows gives each row the token Sampling.token gives it alone with the same
+    generator state: seeds reproduce whatever the batch, with mixed settings and NaN rows."""
+    from prefalign.decoding.sampling import sample_rows
+
+    vocab = 3000
+    settings = [
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=1.5, top_k=40, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=3),
+        SamplingParams(temperature=0.7, seed=4),
+        SamplingParams(temperature=1.2, top_k=5, top_p=0.5, seed=None),
+    ]
+    for trial in range(5):
+        scores = torch.randn(len(settings), vocab, generator=torch.Generator().manual_seed(trial)) * 4
+        scores[1, :100] = float("nan")  # NaN counts as −inf, as for a request alone
+        scores[3, 5:] = float("-inf")  # few candidates
+        torch.manual_seed(99)
+        gens = [make_generator(p.seed, torch.device("cpu")) for p in settings]
+        tokens, ok = sample_rows(scores, settings, gens)
+        torch.manual_seed(99)
+        gens = [make_generator(p.seed, torch.device("cpu")) for p in settings]
+        alone = [Sampling(p).token(row.masked_fill(row.isnan(), float("-inf")), g) for p, row, g in zip(settings, scores, gens)]
+        assert tokens.tolist() == alone
+        assert ok.all()
+        assert tokens[3] < 5
+
+
+def test_batched_sampling_marks_rows_it_cannot_sample():
+    from prefalign.decoding.sampling import sample_rows
+
+    scores = torch.randn(4, 100)
+    scores[1] = float("-inf")  # everything ruled out
+    scores[2, 7] = float("inf")  # +inf: probabilities NaN
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(4)]
+    gens = [make_generator(p.seed, torch.device("cpu")) for p in params]
+    gens[3] = "not a generator"
+    _, ok = sample_rows(scores, params, gens)
+    assert ok.tolist() == [True, False, False, False]

@@ -276,3 +276,42 @@ def test_encode_context_matches_the_request_contexts(aligner):
     request = aligner.build_request(PROMPTS[0], "concise", "amulet")
     assert request.contexts[0][1] == aligner.encode_context(PROMPTS[0])
     assert request.contexts[1][1] == aligner.encode_context(PROMPTS[0], "concise")
+
+
+def test_steady_steps_reuse_the_plan_and_keep_rows_on_the_device(aligner, monkeypatch):
+    """Rows are re-selected and the step plan rebuilt only when rows join or leave."""
+    engine = aligner.engine
+    builds, selects = [], []
+    build, select = engine._build_plan, None
+    monkeypatch.setattr(engine, "_build_plan", lambda: builds.append(1) or build())
+    requests = [aligner.build_request(p, "concise", "amulet", max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, (6, 9, 9))]
+    engine.add(requests[0])
+    engine.step()
+    runner = engine._states["policy"].runner
+    select = runner.select
+    monkeypatch.setattr(runner, "select", lambda keep, tokens: selects.append(len(keep)) or select(keep, tokens))
+    for _ in range(2):
+        engine.step()
+    assert builds == [1] and selects == []  # steady: no rebuild, no row selection
+    for r in requests[1:]:
+        engine.add(r)
+    engine.step()  # they join: one rebuild
+    assert len(builds) == 2 and selects == []
+    while engine.has_work:
+        engine.step()
+    assert selects[0] == 4  # the first request left (2 contexts × 2 requests remain)
+    assert len(builds) == 3  # one more, after it left
+    alone = [aligner.generate(p, preference="concise", method="amulet", max_new_tokens=n, ignore_eos=True)[0].token_ids
+             for p, n in zip(PROMPTS, (6, 9, 9))]
+    assert [engine.pop_result(r.request_id).token_ids for r in requests] == alone
+
+
+def test_seeded_samples_with_different_settings_in_one_batch_equal_alone(aligner):
+    settings = [dict(temperature=0.7, seed=1), dict(temperature=1.5, top_k=20, seed=2), dict(temperature=1.0, top_p=0.7, seed=3)]
+    alone = [aligner.generate(p, preference="concise", method="la", max_new_tokens=10, ignore_eos=True, **kw)[0].token_ids
+             for p, kw in zip(PROMPTS, settings)]
+    requests = [aligner.build_request(p, "concise", "la", max_new_tokens=10, ignore_eos=True, **kw) for p, kw in zip(PROMPTS, settings)]
+    requests.append(aligner.build_request(PROMPTS[0], None, "base", max_new_tokens=10))  # a greedy one beside them
+    results = aligner.engine.generate(requests)
+    assert [r.token_ids for r in results[:3]] == alone
+    assert results[3].token_ids == aligner.generate(PROMPTS[0], method="base", max_new_tokens=10)[0].token_ids

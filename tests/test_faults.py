@@ -133,3 +133,22 @@ def test_an_abandoned_stream_leaves_nothing_behind(al):
     events.close()
     assert not al.engine.has_work
     assert alone(al, PROMPTS[0]) == alone(al, PROMPTS[0])
+
+
+def test_a_request_whose_sampling_fails_fails_alone(al):
+    """A sampled request whose draw raises fails; the others sampled with it are unchanged."""
+    kwargs = dict(preference="concise", method="amulet", max_new_tokens=8, ignore_eos=True, temperature=0.9)
+    expected = [alone(al, p, temperature=0.9, seed=s) for p, s in ((PROMPTS[0], 5), (PROMPTS[2], 6))]
+    requests = [al.build_request(p, "concise", "amulet", max_new_tokens=8, ignore_eos=True, temperature=0.9, seed=s)
+                for p, s in ((PROMPTS[0], 5), (PROMPTS[1], 9), (PROMPTS[2], 6))]
+    engine = al.engine
+    for r in requests:
+        engine.add(r)
+    engine.step()
+    engine._active[requests[1].request_id].generator = "broken"  # its next draw raises
+    while engine.has_work:
+        engine.step()
+    results = [engine.pop_result(r.request_id) for r in requests]
+    assert results[1].finish_reason == "error" and "choose" in results[1].error
+    assert [results[0].token_ids, results[2].token_ids] == expected
+    assert kwargs  # the same settings as alone()

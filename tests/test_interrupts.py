@@ -66,14 +66,13 @@ def sigint_after(handler: _Armed, delay: float) -> Iterator[None]:
         handler.armed = False
 
 
-class SigintInForward(torch.nn.Module):
-    """Wraps a causal LM: its ``at``-th forward sends the process a SIGINT, so the
-    KeyboardInterrupt surfaces inside the engine's step (deterministically mid-step)."""
+class AtForward(torch.nn.Module):
+    """Wraps a causal LM: its ``at``-th forward first calls ``action`` (send a SIGINT, raise)."""
 
-    def __init__(self, model: torch.nn.Module, at: int) -> None:
+    def __init__(self, model: torch.nn.Module, at: int, action) -> None:
         super().__init__()
         self.inner, self.config, self.generation_config = model, model.config, model.generation_config
-        self.at, self.calls = at, 0
+        self.at, self.action, self.calls = at, action, 0
 
     @property
     def cache_keyword(self) -> str:
@@ -84,8 +83,23 @@ class SigintInForward(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            self.action()
         return self.inner(*args, **kwargs)
+
+
+def SigintInForward(model: torch.nn.Module, at: int) -> AtForward:
+    """The ``at``-th forward sends the process a SIGINT, so the KeyboardInterrupt surfaces
+    inside the engine's step (deterministically mid-step)."""
+    return AtForward(model, at, lambda: os.kill(os.getpid(), signal.SIGINT))
+
+
+def RaiseInForward(model: torch.nn.Module, at: int, error: BaseException) -> AtForward:
+    """The ``at``-th forward raises ``error`` (a BaseException)."""
+
+    def throw() -> None:
+        raise error
+
+    return AtForward(model, at, throw)
 
 
 @pytest.fixture
@@ -208,27 +222,6 @@ def test_an_interrupted_reset_is_finished_by_the_next_call(llama_aligner, fresh)
 # server down (tested with a real `prefalign serve` process below). What can interrupt
 # the scheduler's step is a BaseException raised inside it: it must fail the running
 # requests and leave the server serving, with answers as a fresh engine's.
-
-
-class RaiseInForward(torch.nn.Module):
-    """Wraps a causal LM: its ``at``-th forward raises ``error`` (a BaseException)."""
-
-    def __init__(self, model: torch.nn.Module, at: int, error: BaseException) -> None:
-        super().__init__()
-        self.inner, self.config, self.generation_config = model, model.config, model.generation_config
-        self.at, self.error, self.calls = at, error, 0
-
-    @property
-    def cache_keyword(self) -> str:
-        from prefalign.compat import cache_keyword
-
-        return cache_keyword(self.inner)
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.at:
-            raise self.error
-        return self.inner(*args, **kwargs)
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(1), GeneratorExit()], ids=lambda e: type(e).__name__)

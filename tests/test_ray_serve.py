@@ -66,6 +66,7 @@ tokenizer = load_tokenizer()
 tiny = Aligner(_tiny_llama(len(tokenizer)), tokenizer)
 served = []
 uvicorn.run = lambda app, **kwargs: served.append(app)
+uvicorn.Server.run = lambda self, sockets=None: served.append(self.config.app)  # serve's run_server
 Aligner.from_pretrained = classmethod(lambda cls, *a, **k: tiny)
 from prefalign.cli import app
 result = CliRunner().invoke(app, ["serve", "--port", "1"])
@@ -140,7 +141,7 @@ class Cluster:
         self.me = psutil.Process()
         before = ray_descendants(self.me)
         settings = dict(max_batch=16, max_queue=64, max_tokens_cap=1024, max_body_bytes=64_000, model_id=None,
-                        default_method="amulet", max_prompt_tokens=8192, api_key=KEY)
+                        max_prompt_tokens=8192, api_key=KEY)
         self._context = serve_on_ray(dict(model=None, threads=1), settings, ReplicaOptions(replicas=2, cpus=1),
                                      port=free_port())
         self.live = self._context.__enter__()
@@ -220,9 +221,22 @@ def without_ids(obj: dict[str, Any]) -> dict[str, Any]:
 def test_sixteen_streams_through_two_replicas_equal_the_single_process_server(cluster, single):
     health = cluster.health()
     assert health["status"] == "ok" and health["replicas"]["ready"] == 2
+    replicas_seen: set[str] = set()
+    finished = threading.Event()
+
+    def watch() -> None:  # which replicas had requests in flight
+        while not finished.is_set():
+            replicas_seen.update(cluster.health()["in_flight"])
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     with ThreadPoolExecutor(16) as pool:
         through_ray = list(pool.map(lambda i: stream(cluster.url, body_for(i, stream=True)), range(16)))
+        finished.set()
+        watcher.join()
         alone = list(pool.map(lambda i: stream(single.url, body_for(i, stream=True)), range(16)))
+    assert len(replicas_seen) == 2, replicas_seen  # both replicas served
     for (status, events, done), (_, expected, _) in zip(through_ray, alone):
         assert status == 200 and done
         assert text_of(events) == text_of(expected) and events[-1]["usage"]["completion_tokens"] == 16

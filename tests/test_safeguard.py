@@ -202,6 +202,19 @@ def test_safeguard_is_on_by_default_and_shown_in_the_parameters():
         assert make_method(name, kl_budget=0).kl_budget == 0.0
 
 
+def test_the_accelerator_path_without_host_checks_gives_the_same_strengths():
+    """Accelerators search every row without the early exit (no host sync): same answer."""
+    from prefalign.methods.safeguard import _bounded_rows
+
+    lp = _logprobs(12, 2, seed=5, dtype=torch.float32)
+    lp[:4] = _logprobs(4, 2, scale=0.05, dtype=torch.float32)  # rows that keep the full strength
+    b, p = lp[:, 0], lp[:, 1]
+    chunked = kl_bounded_strength(p, b, 4.6487, 0.5)
+    whole = _bounded_rows(p, b, 4.6487, 0.5, STEPS, early_exit=False)
+    assert torch.equal(chunked, whole)
+    assert (whole[:4] == 4.6487).all() and (whole[4:] < 4.6487).any()
+
+
 # --- the repetition guard ------------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ class Aligner:
         cls,
         model: str | None = None,
         *,
-        device: str = "cpu",
+        device: str = "auto",
         dtype: torch.dtype | str | None = None,
         fast: bool | str = "auto",
         threads: int | None = None,
@@ -88,6 +88,8 @@ class Aligner:
         if unavailable); ``"bf16"`` packs weights in bf16 — faster, but it changes greedy
         tokens at near-ties (5 of 8 benchmark prompts), so it is opt-in; ``False`` keeps
         plain PyTorch.
+        ``device``: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"`` or ``"cuda"``;
+        ``dtype``: None/``"auto"`` is bfloat16 on CUDA and float32 on the CPU.
         ``threads`` sets torch's intra-op threads (and llama.cpp's; None: leave as is).
         ``prm``: a personalised reward model directory for method ``pad`` (``"default"``:
         the PRM shipped for the embedded model); None loads it lazily on first use.
@@ -95,6 +97,11 @@ class Aligner:
         check_backend(backend)
         if fast not in (True, False, "auto", "fp32", "bf16"):
             raise PrefalignError(f"fast must be true, false, 'auto', 'fp32' or 'bf16', got {fast!r}", field="fast")
+        if backend == "transformers":  # checked before anything loads
+            from .models import resolve_device, resolve_dtype
+
+            device = resolve_device(device)
+            dtype = resolve_dtype(dtype, device)
         if threads is not None:
             torch.set_num_threads(int(threads))
         if backend == "llamacpp":

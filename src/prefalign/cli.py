@@ -21,6 +21,8 @@ from .cli_options import (
     PreferenceOpt,
     ModelOpt,
     ThreadsOpt,
+    DeviceOpt,
+    DtypeOpt,
     check_prm_path,
     check_request,
     fast_setting,
@@ -54,7 +56,10 @@ _preferences = preference_argument
 _fail = fail
 
 
-def _load(model: Optional[str], fast: str, threads: Optional[int], prm: Optional[str] = None, backend: str = "transformers") -> Any:
+def _load(
+    model: Optional[str], fast: str, threads: Optional[int], prm: Optional[str] = None, backend: str = "transformers",
+    device: str = "auto", dtype: str = "auto",
+) -> Any:
     """Load the aligner (and a PRM when given); errors exit 2 with the message."""
     from .aligner import Aligner
 
@@ -62,7 +67,7 @@ def _load(model: Optional[str], fast: str, threads: Optional[int], prm: Optional
         with err_console.status(f"loading {model or 'the embedded model'}…"):
             if backend != "transformers":
                 return Aligner.from_pretrained(model, backend=backend, threads=threads)
-            aligner = Aligner.from_pretrained(model, fast=fast_setting(fast), threads=threads)
+            aligner = Aligner.from_pretrained(model, fast=fast_setting(fast), threads=threads, device=device, dtype=dtype)
             if prm is not None:
                 aligner.load_prm(prm)
             return aligner
@@ -101,6 +106,8 @@ def generate(
     fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
     backend: str = BackendOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ) -> None:
     """Answer one prompt, under a preference if given.
 
@@ -122,7 +129,7 @@ def generate(
     _announce(checked)
     try:
         chat: Any = prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-        aligner = _load(model, fast, threads, checked.prm, backend)
+        aligner = _load(model, fast, threads, checked.prm, backend, device, dtype)
         prefs, method = checked.preference, checked.method
         if as_json or not stream:
             request = aligner.prepare(checked.spec, chat)  # checked once: its method echoes the params
@@ -264,6 +271,8 @@ def chat(
     fast: str = FastOpt,
     threads: Optional[int] = ThreadsOpt,
     backend: str = BackendOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ) -> None:
     """Interactive chat. Type /help for the commands (/pref, /method, /param, /reset, /quit)."""
     from .decoding.sampling import split_repetition
@@ -297,7 +306,7 @@ def chat(
     show_warnings(first)
     chosen_method: Optional[str] = None if first.method_defaulted else first.method
     params: dict[str, Any] = dict(first.params)
-    aligner = _load(model, fast, threads, prm, backend)
+    aligner = _load(model, fast, threads, prm, backend, device, dtype)
     _enable_line_editing()
 
     def prefs() -> Any:

@@ -56,6 +56,8 @@ BackendOpt = typer.Option(
     "transformers", "--backend",
     help="transformers (PyTorch) or llamacpp (a GGUF in llama.cpp; prefalign[llamacpp]; no pad).",
 )
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda.")
+DtypeOpt = typer.Option("auto", "--dtype", help="Weights' dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
 ParamOpt = typer.Option(
     [], "--param", "-P", metavar="K=V",
     help="Method parameter key=value, e.g. alpha=2, or a repetition control: frequency_penalty, "

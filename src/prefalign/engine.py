@@ -19,16 +19,20 @@ One step (see docs/architecture.md):
    through each model with a fresh KV cache (whole, or ``prefill_chunk`` tokens per
    model forward per step while others are running); a complete group's rows join
    the running rows.
-2. Every running row is fed its last token (one forward per model over all rows); the
-   last position's log-softmax of each row is gathered per request into a
-   ``[tracks, K, V]`` block that the method's ``combine`` turns into ``[tracks, V]``
-   scores. Requests sharing a method and weights are combined in one call.
+2. Every running row is fed its last token (one forward per model over all rows). The
+   *step plan* (rebuilt only when rows join, leave or follow beams) says where each
+   group's rows lie: requests sharing a method, weights and kind of token choice get
+   one ``[tracks, K, V]`` block (a view when in order) that the method's ``combine``
+   turns into ``[tracks, V]`` scores.
 3. The repetition controls of the requests that set them (:mod:`prefalign.decoding.repetition`,
-   one batched op over their rows) adjust the scores; each request's strategy turns
-   its scores into tokens; the token is appended to all K contexts of its track (and
-   to its history, if it keeps one); EOS, stop strings and ``max_new_tokens`` end a request.
-4. Finished rows leave the batch and beam tracks follow their parents — one row
-   selection on every runner.
+   one batched op over their rows) adjust the scores; tokens are chosen on the device
+   per group (greedy: one max; sampling: one batched draw, seeded per request; beam
+   search: its own path); one device→host transfer brings all of them; each is
+   appended to its track (and history); EOS, stop strings and ``max_new_tokens`` end a
+   request; the text is decoded incrementally.
+4. Rows unchanged: each runner is fed its next tokens on the device. Otherwise finished
+   rows leave the batch and beam tracks follow their parents — one row selection on
+   every runner.
 
 Requests can join and leave between steps (continuous batching): :meth:`Engine.add`,
 :meth:`Engine.cancel`, :meth:`Engine.step`. A fault while preparing, combining or
@@ -50,9 +54,10 @@ from typing import Any
 
 import torch
 
-from .decoding import BeamSearch, BeamState, Greedy, SearchStrategy, StopStrings, make_generator, strategy_for
+from .decoding import BeamSearch, BeamState, Greedy, Sampling, SearchStrategy, StopStrings, make_generator, strategy_for
+from .decoding.detokenize import IncrementalText
 from .decoding.repetition import Histories, TokenHistory, apply_repetition_controls
-from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams  # noqa: F401 - re-exported: they lived here
+from .decoding.sampling import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams, sample_rows  # noqa: F401 - re-exported: they lived here
 from .decoding.stopping import drop_incomplete_tail
 from .errors import PrefalignError
 from .methods import POLICY, Method
@@ -203,6 +208,7 @@ class _Track:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
     parent: int | None = None  # beam search: the track this one continues, until rows are reordered
+    detok: IncrementalText | None = None  # keeps ``text`` decoded, one tail at a time
     #: Kept only for requests with repetition controls or a method that reads the answer.
     history: TokenHistory | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, if the request asked
@@ -219,6 +225,7 @@ class _Active:
     stops: StopStrings
     beam: BeamState | None = None  # beam search's finished hypotheses
     finish_reason: str | None = None
+    passes: int = 0  # model forwards that compute its rows each step (distinct pass keys)
 
 
 @dataclass
@@ -277,6 +284,42 @@ class _PrefillGroup:
         return all(part.finished for part in self.parts.values())
 
 
+@dataclass
+class _ScoreGroup:
+    """Requests scored by one method call and whose tokens are chosen together: same
+    method, same weights, same kind of token choice (``"greedy"``, ``"sample"``, ``"beam"``)."""
+
+    method: Method
+    weights: torch.Tensor  # [P], on the scores' device
+    kind: str
+    members: list[_Active]
+    tracks: int
+    #: per context: (pass key, rows of that pass's log-probs: a slice where they lie in
+    #: order, else an index tensor), one row per track
+    sources: list[tuple[str, slice | torch.Tensor]]
+    #: all contexts in one pass, rows ``start .. start + tracks·K`` in (track, context)
+    #: order: the stacked ``[tracks, K, V]`` block is a view, no gather
+    view: tuple[str, int] | None
+    offset: int  # first position of its tracks in the step's token vector
+    params: list[SamplingParams] = field(default_factory=list)
+    uses_history: bool = False  # the method reads the answers so far (``Histories``)
+    penalizes: bool = False  # a member has repetition controls (post-score stage)
+
+
+@dataclass
+class _StepPlan:
+    """Where every running row's log-probs go and where its next token comes from.
+
+    Built when rows join, leave or follow beams (:meth:`Engine._plan_step`), reused by
+    every step in between: a step then builds no index from Python lists.
+    """
+
+    groups: list[_ScoreGroup]
+    #: pass key -> for each of its runner's rows, its track's position in the token vector
+    feeds: dict[str, torch.Tensor]
+    tracks: int
+
+
 # --- The engine --------------------------------------------------------------------
 
 
@@ -309,6 +352,8 @@ class Engine:
         self._states: dict[str, _ModelState] = {}
         self._results: dict[str, GenerationResult] = {}
         self._cancelled: set[str] = set()
+        self._plan: _StepPlan | None = None  # None: rebuild at the next step
+        self._dirty = False  # rows must leave or follow beams (``_reorder_rows``)
         #: False while a step (or a cancellation) changes the rows and runners: if it never
         #: finishes (Ctrl-C, any BaseException, even during the reset that follows), the
         #: next use of the engine resets it first.
@@ -383,6 +428,7 @@ class Engine:
         self._begin_change()
         self._pending, self._prefilling, self._active, self._states = [], [], {}, {}
         self._results, self._cancelled = {}, set()
+        self._plan, self._dirty = None, False
         self._consistent = True
 
     def _begin_change(self) -> None:
@@ -484,11 +530,16 @@ class Engine:
             if not self._active and not self._prefilling:
                 self._consistent = True
                 return deltas
+            # Stages: forward → plan → score → choose → one transfer → update → rows.
             logprobs = self._decode(models, owner)  # running rows: one forward per model
             self._prefill(models, logprobs, deltas)  # the next chunk; complete groups join the running rows
-            row_index = self._row_index(owner, logprobs)
-            self._choose_tokens(logprobs, row_index, deltas)  # method.combine, then each request's strategy
-            self._reorder_rows()  # finished rows leave, beams follow their parents
+            plan = self._plan_step()  # rebuilt only when rows joined, left or followed beams
+            chosen = self._score_and_choose(plan, logprobs, deltas)  # method.combine, token choice on the device
+            self._update(plan, chosen, deltas)  # one device→host transfer; EOS, stop strings, length
+            if self._dirty:
+                self._reorder_rows()  # finished rows leave, beams follow their parents
+            elif chosen is not None:
+                self._feed(plan, chosen[0])  # same rows: next tokens stay on the device
         except BaseException:
             # The shared pass failed (or a bug), or the step was interrupted (Ctrl-C):
             # the caches' state is unknown, so no request may continue on them. Callers
@@ -506,7 +557,7 @@ class Engine:
             if owner[key] == key and state is not None and state.rows:
                 logprobs[key] = state.runner.decode()
         for active in self._active.values():
-            active.usage.forward_passes += len({owner.get(m, m) for m, _ in active.request.contexts})
+            active.usage.forward_passes += active.passes
         return logprobs
 
     def _prefill(self, models: Mapping[str, Any], logprobs: dict[str, torch.Tensor], deltas: list[Delta]) -> None:
@@ -521,22 +572,16 @@ class Engine:
                 assert part.logprobs is not None
                 logprobs[key] = torch.cat([logprobs[key], part.logprobs]) if key in logprobs else part.logprobs
             for active in group.members:
+                active.passes = sum(any(a is active for a, _, _ in part.rows) for part in group.parts.values())
                 self._active[active.request.request_id] = active
-
-    def _row_index(self, owner: Mapping[str, str], logprobs: dict[str, torch.Tensor]) -> dict[str, dict[tuple[int, int, int], int]]:
-        """Per model key: (request, track, context) → row of ``logprobs[key]``. A key served by
-        another model's pass (fused PAD) reads that pass's rows."""
-        row_index = {key: {(id(a), t, k): i for i, (a, t, k) in enumerate(s.rows)} for key, s in self._states.items()}
-        for key, pass_key in owner.items():
-            if pass_key != key and pass_key in logprobs:
-                logprobs[key], row_index[key] = logprobs[pass_key], row_index[pass_key]
-        return row_index
+            self._plan = None
 
     def _drop_cancelled(self) -> None:
         """Apply cancellations: running requests leave the batch, prefilling ones their group."""
         for request_id in self._cancelled:
             if request_id in self._active:
                 self._active[request_id].finish_reason = "cancelled"
+                self._dirty = True
         if self._cancelled and self._prefilling:
             for group in self._prefilling:
                 group.members = [a for a in group.members if a.request.request_id not in self._cancelled]
@@ -648,72 +693,200 @@ class Engine:
 
     # -- token choice ---------------------------------------------------------------
 
-    def _choose_tokens(
-        self,
-        logprobs: dict[str, torch.Tensor],
-        row_index: dict[str, dict[tuple[int, int, int], int]],
-        deltas: list[Delta],
-    ) -> None:
-        groups: dict[tuple[Method, tuple[float, ...]], list[_Active]] = {}
+    def _plan_step(self) -> _StepPlan:
+        """The current plan; rebuilt (host work over every row) only after rows changed."""
+        if self._plan is None:
+            self._plan = self._build_plan()
+        return self._plan
+
+    def _build_plan(self) -> _StepPlan:
+        where: dict[tuple[int, int, int], tuple[str, int]] = {}
+        for key, state in self._states.items():
+            for i, (a, t, k) in enumerate(state.rows):
+                where[(id(a), t, k)] = (key, i)
+        by_key: dict[tuple[Method, tuple[float, ...], str], list[_Active]] = {}
         for active in self._active.values():
             if active.finish_reason is None:
-                groups.setdefault((active.request.method, active.request.weights), []).append(active)
-        for (method, weights), members in groups.items():
+                strategy = active.strategy
+                kind = "beam" if isinstance(strategy, BeamSearch) else "greedy" if isinstance(strategy, Greedy) else "sample"
+                by_key.setdefault((active.request.method, active.request.weights, kind), []).append(active)
+        groups: list[_ScoreGroup] = []
+        position: dict[tuple[int, int], int] = {}  # (request, track) -> place in the token vector
+        offset = 0
+        for (method, weights, kind), members in by_key.items():
+            tracks = [(a, t) for a in members for t in range(len(a.tracks))]
+            for n, (a, t) in enumerate(tracks):
+                position[(id(a), t)] = offset + n
+            n_contexts = len(members[0].request.contexts)
+            located = [[where[(id(a), t, k)] for a, t in tracks] for k in range(n_contexts)]
+            keys = {key for column in located for key, _ in column}
+            device = _runner_device(self._states[next(iter(keys))].runner) if keys else torch.device("cpu")
+            sources = []
+            for column in located:
+                if len({key for key, _ in column}) != 1:
+                    raise RuntimeError("a context's rows are split over two models' caches")  # never: one pass per key
+                rows = [i for _, i in column]
+                if rows == list(range(rows[0], rows[0] + len(rows))):
+                    sources.append((column[0][0], slice(rows[0], rows[0] + len(rows))))  # in order: a view
+                else:
+                    sources.append((column[0][0], torch.tensor(rows, dtype=torch.long, device=_runner_device(self._states[column[0][0]].runner))))
+            view = None
+            if len(keys) == 1:
+                start = located[0][0][1]
+                flat = [located[k][n][1] for n in range(len(tracks)) for k in range(n_contexts)]
+                if flat == list(range(start, start + len(flat))):
+                    view = (next(iter(keys)), start)
+            groups.append(_ScoreGroup(
+                method=method, weights=torch.tensor(weights, dtype=torch.float32, device=device), kind=kind,
+                members=members, tracks=len(tracks), sources=sources, view=view, offset=offset,
+                params=[a.request.sampling for a in members] if kind == "sample" else [],
+                uses_history=bool(getattr(method, "uses_history", False)),
+                penalizes=any(a.request.sampling.penalizes for a in members),
+            ))
+            offset += len(tracks)
+        feeds = {}
+        for key, state in self._states.items():
+            if state.rows:
+                index = [position.get((id(a), t), 0) for a, t, _ in state.rows]
+                feeds[key] = torch.tensor(index, dtype=torch.long, device=_runner_device(state.runner))
+        return _StepPlan(groups=groups, feeds=feeds, tracks=offset)
+
+    def _group_logprobs(self, group: _ScoreGroup, logprobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The group's stacked log-probs ``[tracks, K, V]`` (a view when its rows lie in order)."""
+        if group.view is not None:
+            key, start = group.view
+            rows = logprobs[key]
+            return rows[start:start + group.tracks * len(group.sources)].view(group.tracks, len(group.sources), rows.shape[-1])
+        return torch.stack(
+            [logprobs[key][index] if isinstance(index, slice) else logprobs[key].index_select(0, index) for key, index in group.sources],
+            dim=1,
+        )
+
+    def _score_and_choose(
+        self, plan: _StepPlan, logprobs: dict[str, torch.Tensor], deltas: list[Delta]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None:
+        """Every group's scores (one ``method.score`` call per group) and tokens, on the device:
+        ``(tokens [tracks], ok [tracks], scores by group index)``; beam groups choose here
+        (their own path, reading their scores on the host). None: nothing to choose."""
+        if not plan.groups:
+            return None
+        tokens: list[torch.Tensor] = []
+        oks: list[torch.Tensor] = []
+        kept: dict[int, torch.Tensor] = {}
+        for g, group in enumerate(plan.groups):
+            tokens_g = ok_g = None
             # A group's fault (its method's combine, say) fails its requests, no one else's.
             try:
-                scores = self._group_scores(method, weights, members, logprobs, row_index)
-                if any(a.request.sampling.penalizes for a in members):
-                    settings = [a.request.sampling for a in members for _ in a.tracks]
-                    scores = apply_repetition_controls(scores, settings, [t.history for a in members for t in a.tracks])
+                scores = self._group_scores(group, logprobs)
             except Exception as exc:
-                for active in members:
-                    self._fail(active, f"{method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
-                continue
-            usable = torch.isfinite(scores).any(dim=-1).tolist()
-            if not all(usable):
-                members = self._fail_unusable(members, usable, deltas)
-                if not members:
-                    continue
-                scores = scores[torch.tensor(usable)]
-            # All greedy (the usual case): one argmax for the whole group.
-            chosen = Greedy.tokens(scores) if all(isinstance(a.strategy, Greedy) for a in members) else None
-            offset = 0
-            for a in members:
-                n = len(a.tracks)
-                block = scores[offset:offset + n]
-                offset += n
-                try:
-                    if isinstance(a.strategy, BeamSearch):
-                        self._beam_step(a, a.strategy, block, deltas)
-                        continue
-                    token = chosen[offset - 1] if chosen is not None else a.strategy.token(block[0], a.generator)
-                    self._advance(a, token, deltas, _token_logprob(block[0], token, a.request.sampling))
-                except Exception as exc:
-                    self._fail(a, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
+                for active in group.members:
+                    self._fail(active, f"{group.method.name} could not score the next token: {type(exc).__name__}: {exc}", deltas)
+                scores = None
+            if scores is not None:
+                kept[g] = scores
+                if group.kind == "greedy":
+                    values, tokens_g = scores.max(dim=-1)  # NaN propagates to the max: such rows are not ok
+                    ok_g = torch.isfinite(values)
+                elif group.kind == "sample":
+                    try:
+                        tokens_g, ok_g = sample_rows(scores, group.params, [a.generator for a in group.members])
+                    except Exception:
+                        tokens_g = None  # each request is sampled on its own in the update: the culprit fails alone
+                else:
+                    self._beam_group(group, scores, deltas)
+            if tokens_g is None:
+                tokens_g = torch.zeros(group.tracks, dtype=torch.long, device=group.weights.device)
+                ok_g = torch.zeros(group.tracks, dtype=torch.bool, device=group.weights.device)
+            tokens.append(tokens_g.to(tokens[0].device) if tokens else tokens_g)
+            oks.append(ok_g.to(tokens[0].device))
+        return torch.cat(tokens), torch.cat(oks), kept
 
-    def _group_scores(
-        self,
-        method: Method,
-        weights: tuple[float, ...],
-        members: list[_Active],
-        logprobs: dict[str, torch.Tensor],
-        row_index: dict[str, dict[tuple[int, int, int], int]],
-    ) -> torch.Tensor:
-        """The method's scores ``[tracks of all members, V]``; NaN becomes −inf (ruled out)."""
-        models = [m for m, _ in members[0].request.contexts]
-        blocks = []
-        for k, model_key in enumerate(models):
-            idx = [row_index[model_key][(id(a), t, k)] for a in members for t in range(len(a.tracks))]
-            blocks.append(logprobs[model_key][torch.tensor(idx, device=logprobs[model_key].device)])
-        stacked = torch.stack(blocks, dim=1)  # [tracks of all members, K, V]
-        weights_t = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-        if getattr(method, "uses_history", False):
-            history = Histories([t.history for a in members for t in a.tracks])
-            scores = method.score(stacked, weights_t, history=history)
+    def _update(self, plan: _StepPlan, chosen: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None, deltas: list[Delta]) -> None:
+        """Append each request's token (one device→host transfer for all of them), decide
+        whether it finished, and stream its text."""
+        if chosen is None:
+            return
+        tokens, ok, kept = chosen
+        host_tokens, host_ok = torch.stack([tokens, ok.to(tokens.dtype)]).tolist()
+        for g, group in enumerate(plan.groups):
+            if group.kind == "beam":
+                continue
+            scores = kept.get(g)
+            for i, active in enumerate(group.members):
+                if active.finish_reason is not None:  # its group failed
+                    continue
+                pos = group.offset + i
+                token = host_tokens[pos]
+                try:
+                    if not host_ok[pos]:
+                        assert scores is not None
+                        token = self._choose_one(active, group.kind, scores[i], deltas)
+                        if token is None:
+                            continue
+                        self._dirty = True  # the device's token vector does not have it
+                    logprob = None
+                    if active.request.sampling.logprobs:  # asked for: this request's row, on the host
+                        assert scores is not None
+                        row = scores[i]
+                        logprob = _token_logprob(row.masked_fill(row.isnan(), _NEG_INF), token, active.request.sampling)
+                    self._advance(active, token, deltas, logprob)
+                except Exception as exc:
+                    self._fail(active, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
+
+    def _choose_one(self, active: _Active, kind: str, row: torch.Tensor, deltas: list[Delta]) -> int | None:
+        """A row the batched choice could not take (NaN or ±inf scores, or a failed batched
+        draw), chosen the way a request alone would be; None if the request failed."""
+        row = row.masked_fill(row.isnan(), _NEG_INF)
+        if not bool(torch.isfinite(row).any()):
+            self._fail(active, f"method {active.request.method.name!r} ruled out every token (all scores −inf or NaN)", deltas)
+            return None
+        if kind == "greedy":
+            return int(row.argmax())
+        assert isinstance(active.strategy, Sampling)
+        return active.strategy.token(row, active.generator)
+
+    def _beam_group(self, group: _ScoreGroup, scores: torch.Tensor, deltas: list[Delta]) -> None:
+        """Beam search keeps its own path: each request reorders its hypotheses on the host."""
+        scores = scores.masked_fill(scores.isnan(), _NEG_INF)
+        usable = torch.isfinite(scores).any(dim=-1).tolist()
+        offset = 0
+        for active in group.members:
+            n = len(active.tracks)
+            block = scores[offset:offset + n]
+            ok = all(usable[offset:offset + n])
+            offset += n
+            if not ok:
+                self._fail(active, f"method {active.request.method.name!r} ruled out every token (all scores −inf or NaN)", deltas)
+                continue
+            try:
+                assert isinstance(active.strategy, BeamSearch)
+                self._beam_step(active, active.strategy, block, deltas)
+            except Exception as exc:
+                self._fail(active, f"could not choose the next token: {type(exc).__name__}: {exc}", deltas)
+        self._dirty = True  # tracks follow their parents
+
+    def _feed(self, plan: _StepPlan, tokens: torch.Tensor) -> None:
+        """Rows unchanged: each runner's next tokens are gathered from the chosen ones on the device."""
+        for key, index in plan.feeds.items():
+            runner = self._states[key].runner
+            feed = getattr(runner, "feed", None)
+            if callable(feed):
+                feed(tokens.to(index.device).index_select(0, index))
+            else:  # a runner without ``feed``: the same rows, told their tokens as a list
+                runner.select(list(range(len(index))), tokens.index_select(0, index.to(tokens.device)).tolist())
+
+    def _group_scores(self, group: _ScoreGroup, logprobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's scores ``[tracks, V]`` of one group, then the post-score stage
+        (the repetition controls of the requests that set them, one batched op)."""
+        stacked = self._group_logprobs(group, logprobs)
+        histories = [t.history for a in group.members for t in a.tracks] if group.uses_history or group.penalizes else []
+        if group.uses_history:
+            scores = group.method.score(stacked, group.weights, history=Histories(histories))
         else:
-            scores = method.score(stacked, weights_t)
-        # NaN (e.g. −inf − −inf where both contexts rule a token out) means "ruled out".
-        return scores.masked_fill(scores.isnan(), _NEG_INF)
+            scores = group.method.score(stacked, group.weights)
+        if group.penalizes:
+            scores = apply_repetition_controls(scores, [a.request.sampling for a in group.members for _ in a.tracks], histories)
+        return scores
 
     def _fail(self, active: _Active, message: str, deltas: list[Delta]) -> None:
         """Finish one request with ``finish_reason="error"`` and say why (one log line)."""
@@ -721,20 +894,6 @@ class Engine:
             return
         log.warning("request %s failed: %s", active.request.request_id, message)
         self._finish(active, "error", deltas, active.tracks[0], new_tokens=[], error=message)
-
-    def _fail_unusable(self, members: list[_Active], usable: list[bool], deltas: list[Delta]) -> list[_Active]:
-        """Finish (reason "error") the requests with a track whose scores are all −inf/NaN."""
-        keep, offset = [], 0
-        for active in members:
-            n = len(active.tracks)
-            if all(usable[offset:offset + n]):
-                keep.append(active)
-            else:
-                self._fail(active, f"method {active.request.method.name!r} ruled out every token (all scores −inf or NaN)", deltas)
-                for i in range(offset, offset + n):
-                    usable[i] = False
-            offset += n
-        return keep
 
     def _advance(self, active: _Active, token: int, deltas: list[Delta], logprob: TokenLogprob | None = None) -> None:
         """Append ``token`` (and its ``logprob``, if asked for) to a one-hypothesis request
@@ -751,7 +910,9 @@ class Engine:
         active.usage.completion_tokens = len(track.tokens)
         reason = None
         previous = len(track.text)
-        track.text = self.tokenizer.decode(track.tokens, skip_special_tokens=True)
+        if track.detok is None:
+            track.detok = IncrementalText(self.tokenizer)
+        track.text = track.detok.update(track.tokens)  # == decode(track.tokens), decoding only the new tail
         cut = active.stops.cut(track.text, previous)
         if cut is not None:
             track.text = track.text[:cut]
@@ -779,6 +940,7 @@ class Engine:
         if reason == "length":
             track.text = drop_incomplete_tail(track.text)
         active.finish_reason = reason
+        self._dirty = True  # its rows leave at the next reorder
         active.usage.completion_tokens = len(track.tokens)
         active.tracks = [track]
         self._emit(active, track, new_tokens, deltas, final=True, reason=reason)
@@ -817,7 +979,12 @@ class Engine:
     # -- row bookkeeping --------------------------------------------------------------
 
     def _reorder_rows(self) -> None:
-        """Remove finished requests' rows and follow beam reordering, in every model's cache."""
+        """Remove finished requests' rows and follow beam reordering, in every model's cache
+        (only when something changed: ``_dirty``); the step plan is rebuilt next step."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._plan = None
         for rid in [rid for rid, a in self._active.items() if a.finish_reason is not None]:
             del self._active[rid]
         owner = self._pass_owners()
@@ -844,6 +1011,11 @@ class Engine:
         for active in self._active.values():
             for track in active.tracks:
                 track.parent = None
+
+
+def _runner_device(runner: Any) -> torch.device:
+    """Where a runner's log-probs live (llama.cpp's: the CPU)."""
+    return torch.device(getattr(runner, "device", "cpu"))
 
 
 def _token_logprob(scores: torch.Tensor, token: int, sampling: SamplingParams) -> TokenLogprob | None:

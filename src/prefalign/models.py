@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, PrefalignError
 from .gguf_cache import _converted_gguf_dir, _hash_index, _quiet_transformers, content_hash, existing_gguf, read_gguf_tokenizer  # noqa: F401 (re-exported)
 from .paths import cache_dir  # here too: models.cache_dir is public
 
@@ -166,23 +166,63 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, dict
     return str(name), {}
 
 
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--dtype`` spellings; "auto": bfloat16 on CUDA, float32 on the CPU.
+DTYPES = {
+    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+    a clear error naming ``device`` when CUDA is asked for but absent."""
+    if isinstance(device, torch.device):
+        return device
+    text = "auto" if device is None else str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text != "cpu" and not text.startswith("cuda"):
+        raise PrefalignError(f"device must be auto, cpu or cuda (cuda:N), got {device!r}", field="device")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise PrefalignError("device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu (or auto)", field="device")
+    try:
+        return torch.device(text)
+    except RuntimeError as exc:
+        raise PrefalignError(f"device must be auto, cpu or cuda (cuda:N), got {device!r}", field="device") from exc
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The weights' dtype: as given, else bfloat16 on CUDA and float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None and str(dtype).lower() not in DTYPES:
+        raise PrefalignError(f"dtype must be auto, fp32, bf16 or fp16 (or their torch names), got {dtype!r}", field="dtype")
+    chosen = DTYPES["auto" if dtype is None else str(dtype).lower()]
+    if chosen is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return chosen
+
+
 def load_model(
     name: str | os.PathLike[str] | None = None,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for generation.
 
     ``name`` is None or ``"embedded"`` for the embedded SmolLM2, a local transformers
     directory, a ``.gguf`` file, or a hub id (needs network access to the hub).
+    ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; ``dtype``:
+    None/``"auto"`` is bfloat16 on CUDA and float32 on the CPU.
     The tokenizer is set up for batched generation: left padding and a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     source, kwargs = resolve_model_source(name)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

@@ -15,6 +15,14 @@ or beam search picks tokens, in this order:
 3. ``no_repeat_ngram_size`` (transformers' ``NoRepeatNGramLogitsProcessor``): a token
    that would complete an n-gram already present in the prompt + answer gets −inf.
 
+All four act on the method's *scores*, which are log-probabilities for ``base``, ``pref``
+and ``beam`` (as in transformers' beam search, whose processors also see log-probs) and
+unnormalised for the contrastive methods. OpenAI's penalties subtract per token, so a
+per-row constant (log-softmax vs logits) changes nothing: same tokens as on logits. The
+repetition penalty is not shift-invariant: on log-probs (all ≤ 0) it always multiplies,
+so ``repetition_penalty=1.2`` makes a seen token's log-prob 20 % more negative; where
+transformers' greedy search applies it to raw logits the same value acts differently.
+
 The stage is batched: one op over the rows that use a control, with per-row
 parameters; each hypothesis keeps its own :class:`TokenHistory` (token counts, seen
 mask, n-gram index), updated incrementally as tokens are appended. Requests with the

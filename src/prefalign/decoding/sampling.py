@@ -196,10 +196,61 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
 
+def sample_rows(
+    scores: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``scores`` ``[n, V]``, row ``i`` with ``params[i]`` and
+    ``generators[i]``: ``(tokens [n], ok [n])``, both on the scores' device, no host sync.
+
+    Row ``i``'s token is the one :meth:`Sampling.token` draws from that row alone with the
+    same generator state (so a seeded answer is the same alone or in any batch): NaN
+    scores count as −inf, the warpers run on the rows sharing their settings together,
+    and ``torch.multinomial``'s draw of one sample — ``argmax(probs / q)``, ``q ~ Exp(1)``
+    from the row's generator — is taken for all rows at once. ``ok`` is False where the
+    row cannot be sampled (every score −inf, or +inf/NaN probabilities): the request fails.
+    """
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
+    settings: dict[tuple[float, int, float], list[int]] = {}
+    for i, p in enumerate(params):
+        settings.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    warped = scores
+    for (temperature, top_k, top_p), rows in settings.items():
+        part = scores if len(settings) == 1 else scores[rows]
+        part = TemperatureLogitsWarper(temperature)(None, part)
+        if top_k:
+            part = TopKLogitsWarper(top_k)(None, part)
+        if top_p < 1.0:
+            part = TopPLogitsWarper(top_p)(None, part)
+        if len(settings) == 1:
+            warped = part
+        else:
+            if warped is scores:
+                warped = torch.empty_like(scores)
+            warped[rows] = part
+    probs = torch.softmax(warped, dim=-1)
+    noise = torch.empty_like(probs)
+    drawn = []
+    for i, generator in enumerate(generators):
+        # One row's generator failing (say, on another device) fails that row alone.
+        try:
+            noise[i].exponential_(1, generator=generator)
+            drawn.append(True)
+        except Exception:
+            noise[i] = 1.0
+            drawn.append(False)
+    tokens = (probs / noise).argmax(dim=-1)
+    ok = torch.isfinite(scores.amax(dim=-1)) & torch.isfinite(probs.sum(dim=-1))
+    if not all(drawn):
+        ok &= torch.tensor(drawn, device=ok.device)
+    return tokens, ok
+
+
 def split_repetition(params: dict) -> tuple[dict, dict]:
     """``params`` split into (method parameters, repetition controls of :class:`SamplingParams`)."""
     method = {k: v for k, v in params.items() if k not in REPETITION_FIELDS}
     return method, {k: v for k, v in params.items() if k in REPETITION_FIELDS}
 
 
-__all__ = ["GREEDY_TEMPERATURE", "MAX_CHOICES", "MAX_TOP_LOGPROBS", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator"]
+__all__ = ["GREEDY_TEMPERATURE", "MAX_CHOICES", "MAX_TOP_LOGPROBS", "REPETITION_FIELDS", "split_repetition", "SEED_MAX", "SEED_MIN", "Greedy", "Sampling", "SamplingParams", "make_generator", "sample_rows"]

@@ -121,11 +121,11 @@ def ftrl_loop(p: torch.Tensor, b: torch.Tensor, alpha: float, lam: float, eta: f
 class Amulet(Method):
     """Amulet with the paper's defaults α=2, λ=2, η=10, T=60, and the safeguard on (``kl_budget=0.5``, docs/safeguard.md).
 
-    ``kl_budget=0`` is the paper's rule exactly.
+    ``kl_budget=0`` is the paper's rule exactly (whatever ``repeat_ngram``).
 
     ``exact=False`` (default) computes the closed form; ``exact=True`` runs the FTRL
     loop (same tokens, slower). Several preferences: weighted mean of the per-preference
-    realigned scores. ``plausibility`` and ``kl_budget`` as in
+    realigned scores. ``plausibility``, ``kl_budget`` and ``repeat_ngram`` as in
     :class:`~prefalign.methods.la.LinearAlignment`, with ``c_T`` as the strength's upper
     bound. Parameters whose ``c_T`` is not finite or above ``MAX_STRENGTH`` (1e4) are
     rejected (e.g. λ = 0).
@@ -137,7 +137,8 @@ class Amulet(Method):
         "a model that follows the preference prompt: on Qwen2.5-1.5B it beat pref in 7 of 7 decided pairs "
         "(probe, 12 pairs, 2 collapsed vs 7 at the paper's rule); on the embedded 135M it stays fluent "
         "(2/32 collapsed vs 28/32) but is about even with pref (14 of 32 wins) and shortens every answer "
-        "(docs/safeguard.md)"
+        "(docs/safeguard.md); its repetition guard (repeat_ngram=3) cut collapses on held-out prompts from "
+        "40 % to 33 % (pref 22 %, 45 answers; docs/results/by-model.md)"
     )
     aliases = {"lambda": "lam", "T": "iterations", "t": "iterations"}
     cost_limits = {"iterations": 1000}

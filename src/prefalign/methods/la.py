@@ -35,6 +35,9 @@ class LinearAlignment(Method):
     ``kl_budget`` (nats; default 0.25, docs/safeguard.md; 0 = off, the paper's rule) lowers the strength per token to
     the largest ``c ≤ ratio`` with ``KL(softmax(p + c(p − b)) ‖ softmax(p)) ≤ kl_budget``
     (:func:`~prefalign.methods.safeguard.kl_bounded_strength`), each preference on its own.
+    With the safeguard on, ``repeat_ngram`` (default 3; 0 = off) gives no amplification to a
+    token that would complete an n-gram the answer already contains
+    (:func:`~prefalign.methods.safeguard.guard_repeats`).
     ``plausibility`` (0 = off) masks tokens whose preference-context probability is
     below that fraction of the most likely token's.
     """
@@ -45,7 +48,8 @@ class LinearAlignment(Method):
         "a model that follows the preference prompt: on Qwen2.5-1.5B it beat pref in 7 of 8 decided pairs "
         "(probe, 12 pairs, 2 collapsed vs 4 at the paper's rule); on the embedded 135M it stays fluent "
         "(2/32 collapsed vs 10/32) but is about even with pref (14 of 32 wins), shorter for every preference "
-        "(docs/safeguard.md)"
+        "(docs/safeguard.md); its repetition guard (repeat_ngram=3) cut collapses on held-out prompts from "
+        "40 % to 31 % (pref 22 %, 45 answers; docs/results/by-model.md)"
     )
     aliases = {"r": "ratio"}
     ratio: float = 2.0

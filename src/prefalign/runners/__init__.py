@@ -10,7 +10,10 @@ key. The interface, in the order the engine calls it each step:
   prompts, in one forward or in chunks of at most ``budget`` tokens per call;
 * :meth:`ModelRunner.join` — a finished prefill's rows become running rows (appended);
 * :meth:`ModelRunner.select` — after tokens are chosen: keep and reorder rows (a row
-  may appear twice: beams), and set each row's next token.
+  may appear twice: beams), and set each row's next token;
+* ``feed`` (optional) — the rows did not change: only the next tokens, as a tensor on
+  the device where the engine chose them (no host round trip). A runner without it is
+  sent ``select`` with every row kept.
 
 :class:`~prefalign.runners.kv_cache.TransformersRunner` is the default (transformers'
 ``DynamicCache``, left-padded rows). A model object can bring its own runner with a
@@ -56,6 +59,9 @@ class ModelRunner(Protocol):
 
     def select(self, keep: list[int], next_tokens: list[int]) -> None:
         """Running rows become ``old[keep]`` (repeats allowed), fed ``next_tokens`` next."""
+
+    def feed(self, next_tokens: torch.Tensor) -> None:
+        """Optional: the same rows, fed ``next_tokens`` ``[rows]`` next."""
 
 
 def runner_for(model: Any, pad_token_id: int) -> ModelRunner:

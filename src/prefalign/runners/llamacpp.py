@@ -327,6 +327,10 @@ class LlamaCppRunner:
         assert out is not None
         return out
 
+    def feed(self, next_tokens: torch.Tensor) -> None:
+        """The same rows, fed ``next_tokens`` next."""
+        self.next_tokens = next_tokens.tolist()
+
     def select(self, keep: list[int], next_tokens: list[int]) -> None:
         used: set[int] = set()
         seq_ids, lengths = [], []

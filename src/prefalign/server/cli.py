@@ -42,7 +42,8 @@ def serve(
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled per step between the decode steps of running streams (benchmarks/long_prompt.py).")] = 32,
     default_method: Annotated[str, typer.Option(help="Method for requests that give a preference but no alignment.method (no preference: base).")] = "pref",
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models (default: the model's name).")] = None,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Weights' dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (1: measured no slower than 2 on a small CPU, and robust when it is shared).")] = 1,
     fast: Annotated[bool, typer.Option("--fast/--no-fast", help="CPU fast path (prepacked oneDNN linear layers) where available.")] = True,
     backend: Annotated[str, typer.Option(help="transformers (PyTorch) or llamacpp (a GGUF in llama.cpp; prefalign[llamacpp]; no pad).")] = "transformers",
@@ -78,7 +79,7 @@ def serve(
     if backend == "llamacpp":
         load = dict(model=model, backend=backend, threads=threads, prm=prm)
     else:
-        load = dict(model=model, device=device, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend)
+        load = dict(model=model, device=device, dtype=dtype, threads=threads, fast="auto" if fast else False, prm=prm, backend=backend)
     if replicas is None and (ray_address or min_replicas or max_replicas):
         typer.echo("error: --ray-address, --min-replicas and --max-replicas need --replicas N", err=True)
         raise typer.Exit(2)
@@ -123,7 +124,8 @@ def serve(
 def run_server(app: Any, config: Any) -> None:
     """Run ``app`` under uvicorn; Ctrl-C (SIGINT, SIGTERM) stops its scheduler first, so
     running requests end at once with a ``server_shutting_down`` error (streams get it
-    as their last event) and the process exits 0 without waiting for them."""
+    as their last event) and the process exits without waiting for them (status 130
+    after Ctrl-C: uvicorn re-raises the signal once it has shut down)."""
     import uvicorn
 
     class Server(uvicorn.Server):

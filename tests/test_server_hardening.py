@@ -111,17 +111,17 @@ def test_a_short_prompt_under_the_caps_is_served(strict):
 def test_rendering_and_tokenising_run_off_the_event_loop(strict):
     aligner = strict.aligner
     seen: list[str] = []
-    original = aligner.build_request
+    original = aligner.prepare  # renders and tokenises the contexts
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    aligner.build_request = spy
+    aligner.prepare = spy
     try:
         assert post(strict, OK_BODY).status_code == 200
     finally:
-        del aligner.build_request
+        del aligner.prepare
     assert seen and all(name.startswith("prefalign-prepare") for name in seen)
 
 

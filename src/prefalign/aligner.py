@@ -15,7 +15,8 @@ from .errors import ContextLengthError, PrefalignError
 from .methods import POLICY, PRM, Method, make_method
 from .models import load_model, prepare_tokenizer
 from .prompts import Chat, Preference, PromptLike, encode_context, parse_preferences, to_chat
-from .rules import BACKENDS, PAD_BACKEND_MESSAGE, check_backend, check_preferences, check_prm_given, choose_method
+from .rules import BACKENDS, PAD_BACKEND_MESSAGE, check_backend, check_prm_given
+from .spec import RequestSpec
 
 log = logging.getLogger(__name__)
 
@@ -226,23 +227,38 @@ class Aligner:
         Decoding settings come as a :class:`SamplingParams` (``sampling``) or as its field
         names (``max_new_tokens``, ``temperature``, ...), which override ``sampling``'s;
         the remaining keywords are the method's parameters. ``max_new_tokens=None`` with
-        no ``sampling``: 128. Each setting is checked once, by the object that holds it.
+        no ``sampling``: 128. The same as ``prepare(RequestSpec.build(...), prompt)``:
+        the spec checks what needs no model, :meth:`prepare` the rest.
         ``method=None``: ``pref`` with a preference, ``base`` without (:func:`prefalign.rules.choose_method`).
         A request for ``n`` > 1 answers is run as ``request.split_choices()``.
         """
-        preferences = parse_preferences(preference)
-        rule = make_method(choose_method(method, preferences), **method_params)
-        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     seed=seed, stop=stop, ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
-                     presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
-                     no_repeat_ngram_size=no_repeat_ngram_size, logprobs=logprobs, top_logprobs=top_logprobs, n=n)
-        decoding = dataclasses.replace(sampling or SamplingParams(), **{k: v for k, v in given.items() if v is not None})
-        check_preferences(rule, len(preferences))
+        spec = RequestSpec.build(
+            method, preference, template=template, sampling=sampling,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop, ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+            **method_params,
+        )
+        return self.prepare(spec, prompt)
+
+    def prepare(self, spec: RequestSpec, prompt: PromptLike, *, fit_window: bool = False) -> GenerationRequest:
+        """The engine request for ``spec`` on ``prompt``: the checks that need the model, once.
+
+        Renders the contexts (the template: ``spec.template`` or :meth:`template_for`),
+        loads the PRM a method reads if it is not loaded (or says how to get one; not on
+        llama.cpp), and checks the prompt and ``max_new_tokens`` against the context
+        window. ``fit_window=True`` lowers ``max_new_tokens`` to the room the window
+        leaves instead of refusing it (the server's unset ``max_tokens``).
+        """
+        rule = spec.method
+        preferences = list(spec.preferences)
         if not rule.needs_preference:
             preferences = preferences[:1]  # base ignores it; keep one so role indices stay valid
         chat = to_chat(prompt)
-        template = template or self.template_for(rule)
+        template = spec.template or self.template_for(rule)
         contexts = self._contexts(chat, preferences, rule, template)
+        decoding = spec.sampling
         window = self.context_window
         longest = max(len(ids) for _, ids in contexts)
         if window and longest >= window:
@@ -254,11 +270,14 @@ class Aligner:
                 field="prompt",
             )
         if window and longest + decoding.max_new_tokens > window:
-            raise ContextLengthError(
-                f"prompt ({longest} tokens) + max_new_tokens ({decoding.max_new_tokens}) exceeds the model's context window "
-                f"of {window} tokens; lower max_new_tokens to at most {max(window - longest, 0)} or shorten the prompt",
-                field="max_new_tokens",
-            )
+            if fit_window:
+                decoding = dataclasses.replace(decoding, max_new_tokens=window - longest)
+            else:
+                raise ContextLengthError(
+                    f"prompt ({longest} tokens) + max_new_tokens ({decoding.max_new_tokens}) exceeds the model's context window "
+                    f"of {window} tokens; lower max_new_tokens to at most {max(window - longest, 0)} or shorten the prompt",
+                    field="max_new_tokens",
+                )
         weights = tuple(p.weight for p in preferences) or (1.0,)
         return GenerationRequest(
             contexts=contexts,
@@ -292,7 +311,15 @@ class Aligner:
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> list[GenerationResult]:
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        preference: Any = None,
+        method: str | Method | None = None,
+        *,
+        spec: RequestSpec | None = None,
+        **kwargs: Any,
+    ) -> list[GenerationResult]:
         """Answer each prompt; returns one :class:`GenerationResult` per prompt, in order.
 
         ``prompts`` is a string, a chat (list of ``{role, content}``) or a list of these.
@@ -310,22 +337,39 @@ class Aligner:
         ``n`` > 1: n answers per prompt, returned prompt by prompt (``len(prompts) × n``
         results; ``result.choice`` is i); answer i samples with seed ``seed + i``, so it
         equals a single call with that seed, and the n answers share the prompt's prefill.
-        """
-        return self.engine.generate([r for choices in self._requests(prompts, preference, method, kwargs) for r in choices])
 
-    def stream(self, prompts: PromptLike | Sequence[PromptLike], preference: Any = None, method: str | Method | None = None, **kwargs: Any) -> Iterator[StreamEvent]:
+        ``spec``: a :class:`~prefalign.spec.RequestSpec` built (and checked) beforehand, in
+        place of ``preference``, ``method`` and ``kwargs``.
+        """
+        return self.engine.generate([r for choices in self._requests(prompts, preference, method, spec, kwargs) for r in choices])
+
+    def stream(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        preference: Any = None,
+        method: str | Method | None = None,
+        *,
+        spec: RequestSpec | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yields text deltas as tokens are chosen
         (``event.index``: the prompt; ``event.choice``: which of its ``n`` answers)."""
-        requests = self._requests(prompts, preference, method, kwargs)
+        requests = self._requests(prompts, preference, method, spec, kwargs)
         return self._stream(requests)
 
-    def _requests(self, prompts: Any, preference: Any, method: str | Method | None, kwargs: dict[str, Any]) -> list[list[GenerationRequest]]:
+    def _requests(
+        self, prompts: Any, preference: Any, method: str | Method | None, spec: RequestSpec | None, kwargs: dict[str, Any]
+    ) -> list[list[GenerationRequest]]:
         """Per prompt, its checked requests: one per answer (``n``; no prompts: an error,
-        for generate and stream alike)."""
+        for generate and stream alike). One spec for the call, checked once."""
         batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not batch:
             raise PrefalignError("no prompts given", field="prompt")
-        return [self.build_request(p, preference, method, **kwargs).split_choices() for p in batch]
+        if spec is None:
+            spec = RequestSpec.build(method, preference, **kwargs)
+        elif preference is not None or method is not None or kwargs:
+            raise PrefalignError("give a spec or the request's settings (preference, method, ...), not both", field="spec")
+        return [self.prepare(spec, p).split_choices() for p in batch]
 
     def _stream(self, built: list[list[GenerationRequest]]) -> Iterator[StreamEvent]:
         requests = [r for choices in built for r in choices]

@@ -120,7 +120,8 @@ def generate(
         fast_setting(fast)  # refuse a bad --fast before loading
         checked = check_request(
             method=method, preference=preference, weight=weight, param=param, w=w, prm=prm, template=template,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, model=model,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            model=model,
         )
         check_backend(backend, checked.method)
     except PrefalignError as exc:
@@ -129,13 +130,9 @@ def generate(
     try:
         chat: Any = prompt if system is None else [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
         aligner = _load(model, fast, threads, checked.prm, backend, device, dtype)
-        kwargs = dict(
-            max_new_tokens=max_new_tokens, template=template, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, stop=stop or None, **checked.params,
-        )
         prefs, method = checked.preference, checked.method
         if as_json or not stream:
-            request = aligner.build_request(chat, prefs, method, **kwargs)  # built once: its method echoes the params
+            request = aligner.prepare(checked.spec, chat)  # checked once: its method echoes the params
             result = aligner.engine.generate([request])[0]
             if as_json:
                 print(json.dumps({
@@ -147,7 +144,7 @@ def generate(
                 print(result.text)
             return
         out = WordWrapper(sys.stdout, console.width if sys.stdout.isatty() else None)
-        for event in aligner.stream(chat, preference=prefs, method=method, **kwargs):
+        for event in aligner.stream(chat, spec=checked.spec):
             out.write(event.text)
             if event.finish_reason:
                 out.finish()
@@ -278,8 +275,7 @@ def chat(
     dtype: str = DtypeOpt,
 ) -> None:
     """Interactive chat. Type /help for the commands (/pref, /method, /param, /reset, /quit)."""
-    from .decoding.sampling import SamplingParams, split_repetition
-    from .methods import make_method
+    from .decoding.sampling import split_repetition
     from .prompts import parse_preferences
 
     pref_texts, pref_weights = list(preference), list(weight)
@@ -377,9 +373,7 @@ def chat(
                         params = {}
                     else:
                         candidate = {**params, **parse_params([arg])}
-                        method_params, repetition = split_repetition(candidate)
-                        make_method(current_method(), **method_params)
-                        SamplingParams(**repetition)
+                        check(current_method(), candidate)  # the request spec every face builds
                         params = candidate
                     console.print(f"method: [cyan]{describe_method()}[/]", highlight=False)
                 elif command == "reset":
@@ -394,10 +388,7 @@ def chat(
         answer = ""
         out = WordWrapper(sys.stdout, console.width if sys.stdout.isatty() else None)
         try:
-            for event in aligner.stream(
-                history, preference=prefs(), method=current_method(), max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, seed=seed, **params,
-            ):
+            for event in aligner.stream(history, spec=check(chosen_method, params).spec):
                 answer += event.text
                 out.write(event.text)
             out.finish()

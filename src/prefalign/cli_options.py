@@ -235,6 +235,8 @@ class CheckedRequest:
     preference: Any
     prm: Optional[str]
     warnings: list[str] = field(default_factory=list)
+    #: The checked request spec (what the loaded model's ``Aligner.prepare`` takes).
+    spec: Any = None
 
 
 def check_request(
@@ -251,6 +253,7 @@ def check_request(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: Optional[int] = None,
+    stop: Sequence[str] = (),
     model: Optional[str] = None,
 ) -> CheckedRequest:
     """Validate everything that does not need the model; raise :class:`PrefalignError` if wrong.
@@ -259,9 +262,9 @@ def check_request(
     face) when ``method`` is None, and collects warnings for settings that would
     otherwise be ignored silently.
     """
-    from .decoding.sampling import SamplingParams, split_repetition
-    from .methods import PARAM_ALIASES, PRM, make_method
-    from .prompts import TEMPLATES, parse_preferences
+    from .methods import PARAM_ALIASES, PRM
+    from .prompts import parse_preferences
+    from .spec import RequestSpec
 
     prefs = preference_argument(split_preferences(preference), weight)
     parsed = parse_preferences(prefs)
@@ -278,20 +281,14 @@ def check_request(
                 )
             params.pop(key)
         params["w"] = w
-    method_params, repetition = split_repetition(params)
-    rule = make_method(method, **method_params)
-    check_preferences(rule, len(parsed))
+    # The object every face builds checks these, so the CLI says what the API says.
+    spec = RequestSpec.build(
+        method, prefs, template=template, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        max_new_tokens=max_new_tokens, stop=list(stop) or None, **params,
+    )
+    rule = spec.method
     if not rule.needs_preference and parsed:
         warnings.append(f"method {rule.name!r} ignores the preference ({describe_preferences(prefs)}); use --method pref to follow it")
-    if template is not None and template not in TEMPLATES:
-        from .suggest import did_you_mean
-
-        raise PrefalignError(
-            f"unknown --template {template!r}{did_you_mean(template, TEMPLATES)}; choose one of {', '.join(TEMPLATES)}",
-            field="template",
-        )
-    # The object every caller builds checks these, so the CLI says what the API says.
-    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens, **repetition)
     uses_prm = PRM in rule.extra_models
     if prm is not None:
         if not uses_prm:
@@ -302,7 +299,7 @@ def check_request(
     if uses_prm:
         check_prm_given(model, prm)
         warnings.extend(prm_preference_warnings(prm, parsed))
-    return CheckedRequest(method=rule.name, method_defaulted=defaulted, params=params, preference=prefs, prm=prm, warnings=warnings)
+    return CheckedRequest(method=rule.name, method_defaulted=defaulted, params=params, preference=prefs, prm=prm, warnings=warnings, spec=spec)
 
 
 def prm_preference_warnings(prm: str | Path | None, preferences: Sequence[Any]) -> list[str]:

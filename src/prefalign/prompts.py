@@ -224,15 +224,25 @@ def to_chat(prompt: PromptLike) -> Chat:
     return chat
 
 
+def check_template(template: Any) -> str:
+    """``template`` if it is one of :data:`TEMPLATES`, else an error naming them (every face's check)."""
+    if template not in TEMPLATES:
+        from .suggest import did_you_mean
+
+        raise UnknownNameError(
+            f"unknown template {template!r}{did_you_mean(str(template), TEMPLATES)}; choose one of {', '.join(TEMPLATES)} "
+            "(CLI: --template NAME)",
+            field="template",
+        )
+    return template
+
+
 def render_chat(chat: Chat, preference: str | None, template: str) -> Chat:
     """Return the chat as the model should see it under ``template``.
 
     ``preference`` None gives the base context.
     """
-    if template not in TEMPLATES:
-        raise UnknownNameError(
-            f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}", field="template"
-        )
+    check_template(template)
     system = "\n\n".join(m["content"] for m in chat if m["role"] == "system")
     turns = [m for m in chat if m["role"] != "system"]
     if template in ("default", "plain"):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict
 
 from ..prompts import parse_preferences
+from ..spec import RequestSpec
 from .plan import Batch, Generation, MethodVariant
 
 
@@ -106,15 +107,16 @@ class BatchExecutor:
         """Decode ``batch``; call ``emit(generation, rows)`` as each generation finishes."""
         al = self.aligner
         template = self._template_for(batch.variant)
+        specs: dict[Any, RequestSpec] = {}  # one checked spec per preference of the batch
         requests = []
         for gen in batch.generations:
-            pref = None if gen.preference is None else parse_preferences(gen.preference)
-            requests.append(
-                al.build_request(
-                    gen.prompt, pref, batch.variant.method, max_new_tokens=self.max_new_tokens,
-                    template=template, **dict(batch.variant.overrides),
+            if gen.preference not in specs:
+                pref = None if gen.preference is None else parse_preferences(gen.preference)
+                specs[gen.preference] = RequestSpec.build(
+                    batch.variant.method, pref, max_new_tokens=self.max_new_tokens, template=template,
+                    **dict(batch.variant.overrides),
                 )
-            )
+            requests.append(al.prepare(specs[gen.preference], gen.prompt))
         by_id = {r.request_id: (g, r) for g, r in zip(batch.generations, requests)}
         started = time.perf_counter()
         # Interrupted (Ctrl-C, an error in emit): the session cancels what is unfinished.

@@ -128,7 +128,7 @@ def resolve_protocol(
     """Fill what the user left unset from protocol ``name`` (None: no protocol, defaults only)."""
     if name is None:
         return ResolvedProtocol(list(datasets), list(preferences), list(methods) or ["base", "pref", "la", "amulet"],
-                                template, max_new_tokens or 128, list(judges), list(judge_models))
+                                template, 128 if max_new_tokens is None else max_new_tokens, list(judges), list(judge_models))
     key = name.strip().lower()
     if key not in PROTOCOLS:
         raise UnknownNameError(f"unknown protocol {name!r}; choose {', '.join(sorted(PROTOCOLS))}", field="protocol")
@@ -160,7 +160,7 @@ def resolve_protocol(
         preferences=list(preferences) or list(p.preferences),
         methods=list(methods) or list(p.methods),
         template=template if template is not None else p.template,
-        max_new_tokens=max_new_tokens or p.max_new_tokens,
+        max_new_tokens=p.max_new_tokens if max_new_tokens is None else max_new_tokens,
         judges=out_judges,
         judge_models=models,
     )

@@ -23,15 +23,16 @@ from .plan import Batch, EvalConfig
 class _RayWorker:
     """A Ray actor: loads the model once, then decodes whole batches into rows."""
 
-    def __init__(self, model: str | None, fast: bool | str, prm: str | None, threads: int | None,
-                 max_new_tokens: int, template: str | None, judge_backend: str, model_backend: str = "transformers") -> None:
+    def __init__(self, config: EvalConfig) -> None:
         import torch
 
         # Ray sets OMP_NUM_THREADS=1 for actors without GPUs; follow --threads or the
         # CPUs reserved for the actor, so actors on one node do not oversubscribe it.
-        torch.set_num_threads(threads or 1)
-        self.aligner = _load_aligner(model, fast=fast, prm=prm, threads=threads, backend=model_backend)
-        self.executor = BatchExecutor(self.aligner, max_new_tokens=max_new_tokens, template=template, judge_backend=judge_backend)
+        torch.set_num_threads(config.threads or 1)
+        self.aligner = _load_aligner(config.model, fast=config.fast, prm=config.prm, threads=config.threads,
+                                     backend=config.model_backend)
+        self.executor = BatchExecutor(self.aligner, max_new_tokens=config.max_new_tokens, template=config.template,
+                                      judge_backend=config.judge_backend)
 
     def describe(self) -> dict[str, Any]:
         return {"model": _model_name(self.aligner), "fast_path": str(self.aligner.fast_path), "node": platform.node()}
@@ -58,7 +59,7 @@ def _run_ray(config: EvalConfig, batches: Sequence[Batch], writer: Any, record: 
         n_workers = min(n_workers, len(batches))
         actor_cls = ray.remote(num_cpus=threads)(_RayWorker)
         actors = [
-            actor_cls.remote(config.model, config.fast, config.prm, config.threads, config.max_new_tokens, config.template, config.judge_backend, config.model_backend)
+            actor_cls.remote(config)
             for _ in range(n_workers)
         ]
         try:

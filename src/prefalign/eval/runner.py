@@ -127,10 +127,12 @@ def run_eval(
     variants = expand_methods(config.methods, config.sweeps)
     preferences = expand_preferences(config.preferences)
     _check_preferences(preferences, config.judge_backend)
-    from ..engine import SamplingParams
     from ..rules import check_backend
+    from ..spec import RequestSpec
 
-    SamplingParams(max_new_tokens=config.max_new_tokens)  # the API's check of max_new_tokens
+    for variant in variants:  # the request spec every face builds: template, max_new_tokens, parameters
+        RequestSpec.build(variant.method, preferences[0], template=config.template,
+                          max_new_tokens=config.max_new_tokens, **dict(variant.overrides))
     if config.executor not in ("local", "ray"):
         raise PrefalignError(f"unknown executor {config.executor!r}; choose local or ray", field="executor")
     check_backend(config.model_backend)

@@ -50,8 +50,8 @@ from .. import __version__
 from ..engine import Delta, GenerationRequest, GenerationResult, TokenLogprob
 from ..errors import ContextLengthError, PrefalignError
 from ..methods import METHODS, PARAM_ALIASES, make_method
-from ..prompts import parse_preferences
 from ..rules import DEFAULT_METHOD_WITH_PREFERENCE, choose_method
+from ..spec import RequestSpec
 from ..usage import Usage
 from .errors import APIError
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
@@ -256,23 +256,18 @@ class _Translator:
                 value = getattr(rule, name, None)
                 if isinstance(value, int) and value > limit:
                     raise APIError(400, f"{name} is {value}; this server allows at most {limit}", param=f"alignment.{name}", code="invalid_value")
-            preferences = parse_preferences(preference_arg)
-            if len(preferences) > config.max_preferences:
-                raise APIError(
-                    400, f"at most {config.max_preferences} preferences per request", param="preference", code="invalid_value"
-                )
             temperature = body.temperature
             if temperature is None:
                 # A method that cannot sample (beam search): OpenAI's default temperature would reject it.
                 temperature = 0.0 if rule.deterministic else config.default_temperature
             if temperature > MAX_TEMPERATURE:
                 raise APIError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature", code="invalid_value")
-            request = self.aligner.build_request(
-                prompt,
-                preference_arg,
+            spec = RequestSpec.build(
                 rule,
-                # Unset: a placeholder until the contexts' length is known (below).
-                max_new_tokens=max_tokens if max_tokens is not None else 1,
+                preference_arg,
+                # Unset: the endpoint's default (OpenAI's chat: as much as the cap allows),
+                # lowered by prepare() to the room the context window leaves.
+                max_new_tokens=max_tokens if max_tokens is not None else min(config.max_tokens_cap, default_max_tokens or config.max_tokens_cap),
                 template=alignment.template if alignment else None,
                 temperature=temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
@@ -288,15 +283,11 @@ class _Translator:
                 top_logprobs=top_logprobs,
                 n=1 if body.n is None else body.n,
             )
-            if max_tokens is None:
-                # Unset: as much as the window and the cap allow (OpenAI's chat default),
-                # or the endpoint's own default (16 for plain completions, as OpenAI).
-                longest = max(len(ids) for _, ids in request.contexts)
-                window = self.aligner.context_window
-                room = window - longest if window else config.max_tokens_cap
-                request.sampling = dataclasses.replace(
-                    request.sampling, max_new_tokens=max(1, min(config.max_tokens_cap, room, default_max_tokens or room))
+            if len(spec.preferences) > config.max_preferences:
+                raise APIError(
+                    400, f"at most {config.max_preferences} preferences per request", param="preference", code="invalid_value"
                 )
+            request = self.aligner.prepare(spec, prompt, fit_window=max_tokens is None)
             prompt_tokens = sum(len(ids) for _, ids in request.contexts)
             if prompt_tokens > config.max_prompt_tokens:
                 raise ContextLengthError(
@@ -304,8 +295,8 @@ class _Translator:
                     f"{rule.name!r}; this server allows at most {config.max_prompt_tokens} (serve --max-prompt-tokens)",
                     field="prompt",
                 )
-            # Engine.add validates what build_request does not (weights > 0, beam with
-            # sampling); checking here gives the client a 400 instead of a failed job.
+            # The engine's own check (its models, non-empty contexts) before queueing:
+            # the client gets a 400 instead of a failed job.
             self.aligner.engine.validate(request.split_choices()[0])
         except APIError:
             raise
